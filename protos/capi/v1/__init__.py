@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for capi.v1 (see `make proto`)."""

@@ -1,0 +1,66 @@
+"""Composition root: builds every adapter and service from Settings (overridable in tests)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from capi_server.adapters.db.database import Database, create_engine, migrate
+from capi_server.adapters.db.secrets import PlaintextCipher, TokenCipher
+from capi_server.config import Settings
+from capi_server.services.settings import SettingsService
+
+log = logging.getLogger("capi_server")
+
+
+class StartupError(RuntimeError):
+    """The server refuses to start; the message says why and what to set."""
+
+
+def build_cipher(settings: Settings) -> TokenCipher:
+    if settings.encryption_keys.get_secret_value().strip():
+        from capi_server.adapters.db.fernet import FernetCipher
+
+        try:
+            return FernetCipher.from_keys(settings.encryption_keys.get_secret_value())
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+    if not settings.insecure_dev:
+        raise StartupError(
+            "CAPI_ENCRYPTION_KEYS is not set: tokens would be stored in clear. Set it to one "
+            "or more comma-separated Fernet keys, or set CAPI_INSECURE_DEV=true for local "
+            "development only."
+        )
+    log.warning(
+        "tokens are stored WITHOUT encryption (CAPI_INSECURE_DEV=true); "
+        "set CAPI_ENCRYPTION_KEYS in production"
+    )
+    return PlaintextCipher()
+
+
+@dataclass
+class App:
+    settings: Settings
+    db: Database
+    cipher: TokenCipher
+    settings_service: SettingsService
+    closers: list[Any] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        for closer in reversed(self.closers):
+            await closer()
+        await self.db.dispose()
+
+
+async def build_app(settings: Settings, *, run_migrations: bool | None = None) -> App:
+    cipher = build_cipher(settings)
+    db = Database(create_engine(settings.database_url))
+    if run_migrations if run_migrations is not None else settings.migrate_on_start:
+        await migrate(db.engine)
+    return App(
+        settings=settings,
+        db=db,
+        cipher=cipher,
+        settings_service=SettingsService(db, cipher),
+    )

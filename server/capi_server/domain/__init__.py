@@ -1,0 +1,1 @@
+"""Pure domain logic: levels, matching, normalisation, payloads. No I/O, no frameworks."""

@@ -1,0 +1,1 @@
+"""Transport: gRPC servicers (parse, validate, map errors), server wiring, interceptors."""

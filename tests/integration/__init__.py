@@ -1,0 +1,1 @@
+"""Integration tests: real I/O against local fakes."""
