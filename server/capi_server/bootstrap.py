@@ -8,7 +8,9 @@ from typing import Any
 
 from capi_server.adapters.db.database import Database, create_engine, migrate
 from capi_server.adapters.db.secrets import PlaintextCipher, TokenCipher
+from capi_server.adapters.meta_graph import MetaGraphClient
 from capi_server.config import Settings
+from capi_server.services.sender import RetryWorker, SenderConfig, SenderService
 from capi_server.services.settings import SettingsService
 
 log = logging.getLogger("capi_server")
@@ -45,11 +47,22 @@ class App:
     db: Database
     cipher: TokenCipher
     settings_service: SettingsService
+    graph: MetaGraphClient
+    sender: SenderService
+    retry_worker: RetryWorker | None = None
     closers: list[Any] = field(default_factory=list)
 
+    def start_background(self) -> None:
+        if self.settings.retry_worker_enabled and self.retry_worker is None:
+            self.retry_worker = RetryWorker(self.sender, self.settings.retry_poll_seconds)
+            self.retry_worker.start()
+
     async def aclose(self) -> None:
+        if self.retry_worker is not None:
+            await self.retry_worker.stop()
         for closer in reversed(self.closers):
             await closer()
+        await self.graph.aclose()
         await self.db.dispose()
 
 
@@ -58,9 +71,29 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
     db = Database(create_engine(settings.database_url))
     if run_migrations if run_migrations is not None else settings.migrate_on_start:
         await migrate(db.engine)
+    graph = MetaGraphClient(
+        settings.meta_graph_url,
+        settings.meta_api_version,
+        read_timeout_seconds=settings.meta_timeout_seconds,
+    )
+    sender = SenderService(
+        db,
+        cipher,
+        graph,
+        SenderConfig(
+            dry_run=settings.dry_run,
+            partner_agent=settings.partner_agent or None,
+            retry_base_seconds=settings.retry_base_seconds,
+            retry_max_seconds=settings.retry_max_seconds,
+            expiry_margin_seconds=settings.expiry_margin_seconds,
+            retry_batch_size=settings.retry_batch_size,
+        ),
+    )
     return App(
         settings=settings,
         db=db,
         cipher=cipher,
         settings_service=SettingsService(db, cipher),
+        graph=graph,
+        sender=sender,
     )

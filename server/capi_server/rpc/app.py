@@ -23,6 +23,7 @@ from capi.v1 import (
 )
 from capi_server.bootstrap import App
 from capi_server.rpc.interceptors import ServerInterceptor
+from capi_server.rpc.sender_servicer import SenderServicer
 from capi_server.rpc.settings_servicer import SettingsServicer
 
 log = logging.getLogger("capi_server")
@@ -96,8 +97,7 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
         server,
     )
     capi_sender_service_pb2_grpc.add_CapiSenderServiceServicer_to_server(
-        capi_sender_service_pb2_grpc.CapiSenderServiceServicer(),  # type: ignore[abstract]
-        server,
+        SenderServicer(app.sender), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -123,6 +123,7 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
     await server.start()
     running = RunningServer(server, port, health_servicer, app)
     running._health_task = asyncio.create_task(_watch_database(app, health_servicer))
+    app.start_background()
     if not settings.auth_token_map():
         log.warning("authentication is OFF: set CAPI_AUTH_TOKENS=caller:token,... in production")
     log.info("capi server listening", extra={"address": address, "port": port})

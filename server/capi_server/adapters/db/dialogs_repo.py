@@ -1,0 +1,168 @@
+"""Leads and dialogs: find or create them without read-then-write races."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from capi_server.adapters.db.orm import (
+    AdAccountRow,
+    DialogAnalysisRow,
+    DirectionRow,
+    LeadRow,
+    UserAccountRow,
+    utcnow,
+)
+from capi_server.adapters.db.secrets import TokenCipher
+from capi_server.domain.errors import NotFound
+
+
+async def insert_ignore(
+    session: AsyncSession, table: Table, values: dict[str, Any], conflict: list[str]
+) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
+    dialect = session.bind.dialect.name if session.bind else "sqlite"
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(table).values(**values).on_conflict_do_nothing(index_elements=conflict)
+    result = await session.execute(stmt)
+    return bool(getattr(result, "rowcount", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class DialogKeys:
+    dialog_id: int
+    lead_id: int
+    direction_id: int
+
+
+async def direction_by_instance(session: AsyncSession, instance_name: str) -> DirectionRow:
+    row = (
+        await session.execute(
+            select(DirectionRow).where(DirectionRow.instance_name == instance_name)
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(
+            f"no direction has instance_name {instance_name!r}",
+            reason="INSTANCE_NOT_FOUND",
+            metadata={"instance_name": instance_name},
+        )
+    return row
+
+
+async def direction_by_id(session: AsyncSession, direction_id: int) -> DirectionRow:
+    row = await session.get(DirectionRow, direction_id)
+    if row is None:
+        raise NotFound(
+            f"direction {direction_id} not found",
+            reason="DIRECTION_NOT_FOUND",
+            metadata={"direction_id": str(direction_id)},
+        )
+    return row
+
+
+async def default_region(session: AsyncSession, user_account_id: int) -> str | None:
+    return (
+        await session.execute(
+            select(UserAccountRow.default_region).where(UserAccountRow.id == user_account_id)
+        )
+    ).scalar_one_or_none()
+
+
+async def ensure_dialog(
+    session: AsyncSession,
+    direction: DirectionRow,
+    contact_key: str,
+    contact_phone: str | None,
+    *,
+    now: datetime | None = None,
+) -> DialogKeys:
+    """The lead and dialog of (direction, contact), created when missing (race-safe)."""
+    now = now or utcnow()
+    await insert_ignore(
+        session,
+        LeadRow.__table__,  # type: ignore[arg-type]
+        {
+            "direction_id": direction.id,
+            "contact_key": contact_key,
+            "contact_phone": contact_phone,
+            "from_ad_without_click_id": False,
+            "created_at": now,
+            "updated_at": now,
+        },
+        ["direction_id", "contact_key"],
+    )
+    lead_id = (
+        await session.execute(
+            select(LeadRow.id).where(
+                LeadRow.direction_id == direction.id, LeadRow.contact_key == contact_key
+            )
+        )
+    ).scalar_one()
+    await insert_ignore(
+        session,
+        DialogAnalysisRow.__table__,  # type: ignore[arg-type]
+        {
+            "lead_id": lead_id,
+            "direction_id": direction.id,
+            "instance_name": direction.instance_name,
+            "contact_phone": contact_phone or contact_key,
+            "capi_interest_sent": False,
+            "capi_qualified_sent": False,
+            "capi_scheduled_sent": False,
+            "client_message_count": 0,
+            "analyzed_client_message_count": 0,
+            "is_interested": False,
+            "is_qualified": False,
+            "is_scheduled": False,
+            "held_levels": {},
+            "created_at": now,
+            "updated_at": now,
+        },
+        ["lead_id"],
+    )
+    dialog_id = (
+        await session.execute(
+            select(DialogAnalysisRow.id).where(DialogAnalysisRow.lead_id == lead_id)
+        )
+    ).scalar_one()
+    return DialogKeys(dialog_id=dialog_id, lead_id=lead_id, direction_id=direction.id)
+
+
+async def set_lead_ctwa_clid(session: AsyncSession, lead_id: int, ctwa_clid: str) -> None:
+    """The first click id wins: a later message never replaces or erases it."""
+    await session.execute(
+        update(LeadRow)
+        .where(LeadRow.id == lead_id, LeadRow.ctwa_clid.is_(None))
+        .values(ctwa_clid=ctwa_clid, updated_at=utcnow())
+    )
+
+
+async def access_token_for(
+    session: AsyncSession, direction: DirectionRow, cipher: TokenCipher
+) -> tuple[str | None, str]:
+    """(token, where it came from): the ad account's, else the user account's."""
+    if direction.ad_account_id is not None:
+        stored = (
+            await session.execute(
+                select(AdAccountRow.access_token).where(AdAccountRow.id == direction.ad_account_id)
+            )
+        ).scalar_one_or_none()
+        if stored:
+            return cipher.decrypt(stored), "ad_account"
+    stored = (
+        await session.execute(
+            select(UserAccountRow.access_token).where(
+                UserAccountRow.id == direction.user_account_id
+            )
+        )
+    ).scalar_one_or_none()
+    if stored:
+        return cipher.decrypt(stored), "user_account"
+    return None, "none"

@@ -1,0 +1,253 @@
+"""capi_events_log and the dialog_analysis send flags: claim, record, queue, list."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from capi_server.adapters.db.orm import CapiEventLogRow, DialogAnalysisRow, utcnow
+from capi_server.domain.events import EventStatus
+from capi_server.domain.levels import Level
+
+
+def db_text(value: str) -> str:
+    """PostgreSQL text and jsonb cannot hold NUL; third-party bodies sometimes do."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _event_id_column(level: Level) -> Any:
+    return getattr(DialogAnalysisRow, f"capi_{level.column}_event_id")
+
+
+async def claim_level(session: AsyncSession, dialog_id: int, level: Level, event_id: str) -> bool:
+    """Set capi_<level>_event_id where it is still NULL: the database decides the race."""
+    column = _event_id_column(level)
+    result = await session.execute(
+        update(DialogAnalysisRow)
+        .where(DialogAnalysisRow.id == dialog_id, column.is_(None))
+        .values({column: event_id, DialogAnalysisRow.updated_at: utcnow()})
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def add_log_row(session: AsyncSession, **values: Any) -> CapiEventLogRow:
+    now = values.pop("now", None) or utcnow()
+    row = CapiEventLogRow(created_at=now, updated_at=now, attempts=0, **values)
+    session.add(row)
+    return row
+
+
+async def latest_log_row(
+    session: AsyncSession, dialog_id: int, level: Level
+) -> CapiEventLogRow | None:
+    """The newest non-skipped row of (dialog, level): its send attempt series."""
+    stmt = (
+        select(CapiEventLogRow)
+        .where(
+            CapiEventLogRow.dialog_id == dialog_id,
+            CapiEventLogRow.level == int(level),
+            CapiEventLogRow.status != EventStatus.SKIPPED.value,
+        )
+        .order_by(CapiEventLogRow.id.desc())
+        .limit(1)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def mark_success(
+    session: AsyncSession,
+    log_id: int,
+    dialog_id: int,
+    level: Level,
+    response: dict[str, Any],
+    now: datetime,
+) -> None:
+    await session.execute(
+        update(CapiEventLogRow)
+        .where(CapiEventLogRow.id == log_id)
+        .values(
+            status=EventStatus.SUCCESS.value,
+            facebook_response=response,
+            attempts=CapiEventLogRow.attempts + 1,
+            next_attempt_at=None,
+            locked_until=None,
+            error_code=None,
+            error_subcode=None,
+            error_message=None,
+            hint=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    await session.execute(
+        update(DialogAnalysisRow)
+        .where(DialogAnalysisRow.id == dialog_id)
+        .values(
+            {
+                getattr(DialogAnalysisRow, f"capi_{level.column}_sent"): True,
+                getattr(DialogAnalysisRow, f"capi_{level.column}_sent_at"): now,
+                DialogAnalysisRow.updated_at: now,
+            }
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def mark_failure(
+    session: AsyncSession,
+    log_id: int,
+    *,
+    status: EventStatus,
+    now: datetime,
+    next_attempt_at: datetime | None,
+    error_code: int | None,
+    error_subcode: int | None,
+    error_message: str,
+    hint: str | None,
+    response: dict[str, Any] | None,
+    count_attempt: bool = True,
+) -> None:
+    await session.execute(
+        update(CapiEventLogRow)
+        .where(CapiEventLogRow.id == log_id)
+        .values(
+            status=status.value,
+            attempts=CapiEventLogRow.attempts + (1 if count_attempt else 0),
+            next_attempt_at=next_attempt_at,
+            locked_until=None,
+            error_code=error_code,
+            error_subcode=error_subcode,
+            error_message=db_text(error_message[:2000]),
+            hint=hint,
+            facebook_response=(
+                {k: db_text(v) if isinstance(v, str) else v for k, v in response.items()}
+                if response
+                else None
+            ),
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DueEvent:
+    log_id: int
+    direction_id: int | None
+    dialog_id: int | None
+    level: Level
+    event_name: str
+    event_id: str | None
+    event_time: datetime | None
+    payload: dict[str, Any] | None
+    test_event_code: str | None
+    attempts: int
+
+
+async def take_due_events(
+    session: AsyncSession, now: datetime, limit: int, lease: timedelta
+) -> list[DueEvent]:
+    """Lease due pending rows to this worker. Replicas skip rows another one holds."""
+    stmt = (
+        select(CapiEventLogRow)
+        .where(
+            CapiEventLogRow.status == EventStatus.PENDING.value,
+            CapiEventLogRow.next_attempt_at <= now,
+            or_(CapiEventLogRow.locked_until.is_(None), CapiEventLogRow.locked_until < now),
+        )
+        .order_by(CapiEventLogRow.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = list((await session.execute(stmt)).scalars())
+    if not rows:
+        return []
+    await session.execute(
+        update(CapiEventLogRow)
+        .where(CapiEventLogRow.id.in_([r.id for r in rows]))
+        .values(locked_until=now + lease)
+        .execution_options(synchronize_session=False)
+    )
+    return [
+        DueEvent(
+            log_id=r.id,
+            direction_id=r.direction_id,
+            dialog_id=r.dialog_id,
+            level=Level(r.level),
+            event_name=r.event_name,
+            event_id=r.event_id,
+            event_time=r.event_time,
+            payload=r.payload,
+            test_event_code=r.test_event_code,
+            attempts=r.attempts,
+        )
+        for r in rows
+    ]
+
+
+async def requeue(
+    session: AsyncSession,
+    *,
+    log_ids: Sequence[int] = (),
+    direction_id: int | None = None,
+    status: EventStatus = EventStatus.ERROR,
+    now: datetime,
+) -> int:
+    """Put error rows back into the queue with their original event_id."""
+    if status not in (EventStatus.ERROR, EventStatus.PENDING):
+        return 0
+    conditions = [CapiEventLogRow.status == status.value, CapiEventLogRow.event_id.is_not(None)]
+    if log_ids:
+        conditions.append(CapiEventLogRow.id.in_(list(log_ids)))
+    if direction_id is not None:
+        conditions.append(CapiEventLogRow.direction_id == direction_id)
+    result = await session.execute(
+        update(CapiEventLogRow)
+        .where(and_(*conditions))
+        .values(
+            status=EventStatus.PENDING.value,
+            next_attempt_at=now,
+            locked_until=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+async def list_log_rows(
+    session: AsyncSession,
+    *,
+    direction_id: int | None,
+    dialog_id: int | None,
+    status: EventStatus | None,
+    level: Level | None,
+    start: datetime | None,
+    end: datetime | None,
+    before_id: int,
+    limit: int,
+) -> list[CapiEventLogRow]:
+    """Newest first, keyset-paginated by id (no OFFSET: cost does not grow with pages)."""
+    stmt = select(CapiEventLogRow)
+    if before_id:
+        stmt = stmt.where(CapiEventLogRow.id < before_id)
+    if direction_id is not None:
+        stmt = stmt.where(CapiEventLogRow.direction_id == direction_id)
+    if dialog_id is not None:
+        stmt = stmt.where(CapiEventLogRow.dialog_id == dialog_id)
+    if status is not None:
+        stmt = stmt.where(CapiEventLogRow.status == status.value)
+    if level is not None:
+        stmt = stmt.where(CapiEventLogRow.level == int(level))
+    if start is not None:
+        stmt = stmt.where(CapiEventLogRow.created_at >= start)
+    if end is not None:
+        stmt = stmt.where(CapiEventLogRow.created_at < end)
+    stmt = stmt.order_by(CapiEventLogRow.id.desc()).limit(limit)
+    return list((await session.execute(stmt)).scalars())

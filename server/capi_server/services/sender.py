@@ -1,0 +1,757 @@
+"""CapiSender use cases: send a level exactly once, retry the queue, answer about the log.
+
+Exactly once per (dialog, level) works in three steps (ARCHITECTURE.md section 5):
+1. claim: one transaction sets dialog_analysis.capi_<level>_event_id where it is NULL and
+   inserts the capi_events_log row as `pending`; commit;
+2. send outside any transaction;
+3. record: success, pending with a backoff (transient), or error (permanent).
+A crash between 1 and 3 leaves a pending row whose lease expires; the retry worker then
+resends it with the same event_id, which Meta deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import select
+
+from capi_server.adapters.db import dialogs_repo, events_repo
+from capi_server.adapters.db.database import Database
+from capi_server.adapters.db.orm import (
+    CapiEventLogRow,
+    DialogAnalysisRow,
+    DirectionRow,
+    LeadRow,
+    utcnow,
+)
+from capi_server.adapters.db.secrets import TokenCipher
+from capi_server.adapters.db.settings_repo import direction_from_row
+from capi_server.adapters.meta_graph import GraphSuccess, MetaGraphError
+from capi_server.domain import events as ev
+from capi_server.domain.directions import Direction
+from capi_server.domain.errors import InvalidArgument, NotFound
+from capi_server.domain.events import EventOutcome, EventStatus, SendOutcome
+from capi_server.domain.levels import Level
+from capi_server.domain.normalization import (
+    InvalidUserData,
+    normalize_email,
+    normalize_phone,
+    sha256_hex,
+)
+from capi_server.domain.payloads import (
+    MAX_EVENT_AGE_SECONDS,
+    MAX_EVENTS_PER_REQUEST,
+    EventInput,
+    build_event,
+    build_request_body,
+    event_id_for,
+    is_too_old,
+)
+
+log = logging.getLogger("capi_server.sender")
+
+FUTURE_TOLERANCE = timedelta(minutes=10)
+
+
+class GraphPort(Protocol):
+    """What the sender needs of the Graph client (MetaGraphClient satisfies it)."""
+
+    async def send_events(
+        self, pixel_id: str, access_token: str, body: dict[str, object]
+    ) -> GraphSuccess | MetaGraphError: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DialogRef:
+    """A dialog named by id, or by (instance_name | direction_id, contact_phone)."""
+
+    dialog_id: int | None = None
+    instance_name: str | None = None
+    contact_phone: str | None = None
+    direction_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    event_time: datetime | None = None
+    value: float | None = None
+    currency: str | None = None
+    test_event_code: str | None = None
+    dry_run: bool = False
+    email: str | None = None
+    source: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class DialogContext:
+    direction_row: DirectionRow
+    direction: Direction
+    dialog: DialogAnalysisRow
+    lead: LeadRow
+    access_token: str | None
+    token_source: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    log_id: int
+    dialog_id: int
+    level: Level
+    event_name: str
+    event_id: str
+    event_time: datetime
+    payload: dict[str, Any]
+    attempts: int = 0
+
+
+@dataclass
+class SenderConfig:
+    dry_run: bool = False
+    partner_agent: str | None = None
+    retry_base_seconds: float = 5.0
+    retry_max_seconds: float = 3600.0
+    expiry_margin_seconds: int = 3600
+    lease_seconds: float = 60.0
+    retry_batch_size: int = 500
+
+
+@dataclass
+class SendReport:
+    dialog_id: int
+    outcomes: list[EventOutcome] = field(default_factory=list)
+
+
+class SenderService:
+    def __init__(
+        self,
+        db: Database,
+        cipher: TokenCipher,
+        graph: GraphPort,
+        config: SenderConfig,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.db = db
+        self.cipher = cipher
+        self.graph = graph
+        self.config = config
+        self.clock = clock
+
+    # -- resolving a dialog -------------------------------------------------------------
+
+    async def load_context(self, session: Any, ref: DialogRef, *, create: bool) -> DialogContext:
+        if ref.dialog_id is not None:
+            dialog = await session.get(DialogAnalysisRow, ref.dialog_id)
+            if dialog is None:
+                raise NotFound(
+                    f"dialog {ref.dialog_id} not found",
+                    reason="DIALOG_NOT_FOUND",
+                    metadata={"dialog_id": str(ref.dialog_id)},
+                )
+            direction_row = await dialogs_repo.direction_by_id(session, dialog.direction_id)
+            lead = await session.get(LeadRow, dialog.lead_id)
+            assert lead is not None
+        else:
+            if ref.direction_id is not None:
+                direction_row = await dialogs_repo.direction_by_id(session, ref.direction_id)
+            elif ref.instance_name:
+                direction_row = await dialogs_repo.direction_by_instance(session, ref.instance_name)
+            else:
+                raise InvalidArgument.field(
+                    "dialog_id",
+                    "name the dialog by dialog_id or by instance_name and contact_phone",
+                )
+            if not ref.contact_phone:
+                raise InvalidArgument.field("contact_phone", "is required with instance_name")
+            region = await dialogs_repo.default_region(session, direction_row.user_account_id)
+            phone = normalize_contact(ref.contact_phone, region)
+            if create:
+                keys = await dialogs_repo.ensure_dialog(session, direction_row, phone, phone)
+                dialog_opt = await session.get(DialogAnalysisRow, keys.dialog_id)
+            else:
+                dialog_opt = (
+                    await session.execute(
+                        select(DialogAnalysisRow)
+                        .join(LeadRow, LeadRow.id == DialogAnalysisRow.lead_id)
+                        .where(
+                            LeadRow.direction_id == direction_row.id, LeadRow.contact_key == phone
+                        )
+                    )
+                ).scalar_one_or_none()
+            if dialog_opt is None:
+                raise NotFound(
+                    "no dialog for this instance and phone",
+                    reason="DIALOG_NOT_FOUND",
+                    metadata={"instance_name": ref.instance_name or ""},
+                )
+            dialog = dialog_opt
+            lead = await session.get(LeadRow, dialog.lead_id)
+            assert lead is not None
+        token, source = await dialogs_repo.access_token_for(session, direction_row, self.cipher)
+        return DialogContext(
+            direction_row=direction_row,
+            direction=direction_from_row(direction_row),
+            dialog=dialog,
+            lead=lead,
+            access_token=token,
+            token_source=source,
+        )
+
+    # -- SendConversion -----------------------------------------------------------------
+
+    def _check_event_time(self, event_time: datetime, now: datetime) -> None:
+        age = (now - event_time).total_seconds()
+        if age > MAX_EVENT_AGE_SECONDS - self.config.expiry_margin_seconds:
+            raise InvalidArgument.field(
+                "event_time", "is older than Meta accepts (7 days, minus a safety margin)"
+            )
+        if event_time - now > FUTURE_TOLERANCE:
+            raise InvalidArgument.field("event_time", "is in the future")
+
+    async def send(self, ref: DialogRef, level: Level, options: SendOptions) -> SendReport:
+        """Send `level` and every unsent lower level, lowest first; idempotent."""
+        now = self.clock()
+        event_time = options.event_time or now
+        self._check_event_time(event_time, now)
+        email = None
+        if options.email:
+            try:
+                email = normalize_email(options.email)
+            except InvalidUserData as exc:
+                raise InvalidArgument.field("email", str(exc)) from None
+        async with self.db.session() as session:
+            ctx = await self.load_context(session, ref, create=True)
+            if email and ctx.lead.email != email:
+                ctx.lead.email = email
+            report, claimed = await self._plan(session, ctx, level, event_time, options, now)
+            await session.commit()
+        if claimed:
+            test_code = options.test_event_code or ctx.direction.capi.test_event_code
+            assert ctx.direction.pixel_id and ctx.access_token
+            results = await self.deliver(
+                claimed, ctx.direction.pixel_id, ctx.access_token, test_code
+            )
+            outcomes = await self.record(results)
+            by_level = {o.level: o for o in outcomes}
+            report.outcomes = [by_level.get(o.level, o) for o in report.outcomes]
+        return report
+
+    def _skip_reason(self, ctx: DialogContext) -> tuple[str, str] | None:
+        direction = ctx.direction
+        if not direction.capi.enabled:
+            return ev.REASON_CAPI_DISABLED, ev.HINT_CAPI_DISABLED
+        if not direction.pixel_id:
+            return ev.REASON_NO_PIXEL, ev.HINT_NO_PIXEL
+        if not ctx.access_token:
+            return ev.REASON_NO_TOKEN, ev.HINT_NO_TOKEN
+        if direction.capi.require_ctwa_clid and not ctx.lead.ctwa_clid:
+            return ev.REASON_NO_CTWA_CLID, ev.HINT_NO_CTWA_CLID
+        if not (ctx.lead.contact_phone or ctx.lead.email or ctx.lead.ctwa_clid):
+            return ev.REASON_NO_IDENTIFIER, ""
+        return None
+
+    def build_payload(
+        self,
+        ctx: DialogContext,
+        level: Level,
+        event_id: str,
+        event_time: datetime,
+        options: SendOptions,
+    ) -> dict[str, Any]:
+        lead = ctx.lead
+        return build_event(
+            EventInput(
+                level=level,
+                event_name=ctx.direction.capi.event_name(level),
+                event_time=int(event_time.timestamp()),
+                event_id=event_id,
+                phone_hash=sha256_hex(lead.contact_phone) if lead.contact_phone else None,
+                email_hash=sha256_hex(lead.email) if lead.email else None,
+                ctwa_clid=lead.ctwa_clid,
+                whatsapp_business_account_id=ctx.direction.whatsapp_business_account_id,
+                value=options.value,
+                currency=options.currency,
+                limited_data_use=ctx.direction.capi.limited_data_use,
+            )
+        )
+
+    async def _plan(
+        self,
+        session: Any,
+        ctx: DialogContext,
+        level: Level,
+        event_time: datetime,
+        options: SendOptions,
+        now: datetime,
+    ) -> tuple[SendReport, list[ClaimedEvent]]:
+        report = SendReport(dialog_id=ctx.dialog.id)
+        claimed: list[ClaimedEvent] = []
+        skip = self._skip_reason(ctx)
+        dry_run = options.dry_run or self.config.dry_run
+        test_code = options.test_event_code or ctx.direction.capi.test_event_code
+        common = {
+            "direction_id": ctx.direction_row.id,
+            "dialog_id": ctx.dialog.id,
+            "lead_id": ctx.lead.id,
+            "pixel_id": ctx.direction.pixel_id,
+            "source": options.source,
+            "test_event_code": test_code,
+            "now": now,
+        }
+        for lvl in level.with_lower():
+            name = ctx.direction.capi.event_name(lvl)
+            if getattr(ctx.dialog, f"capi_{lvl.column}_event_id"):
+                report.outcomes.append(await self.existing_outcome(session, ctx.dialog, lvl, name))
+                continue
+            if skip is not None:
+                reason, hint = skip
+                row = events_repo.add_log_row(
+                    session,
+                    level=int(lvl),
+                    event_name=name,
+                    status=EventStatus.SKIPPED.value,
+                    error_message=reason,
+                    hint=hint or None,
+                    event_time=event_time,
+                    **common,
+                )
+                await session.flush()
+                report.outcomes.append(
+                    EventOutcome(
+                        lvl, name, SendOutcome.SKIPPED, reason=reason, hint=hint, log_id=row.id
+                    )
+                )
+                continue
+            event_id = event_id_for(str(ctx.dialog.id), lvl)
+            try:
+                payload = self.build_payload(ctx, lvl, event_id, event_time, options)
+            except ValueError as exc:
+                raise InvalidArgument.field(
+                    "value" if options.value else "dialog_id", str(exc)
+                ) from None
+            if dry_run:
+                row = events_repo.add_log_row(
+                    session,
+                    level=int(lvl),
+                    event_name=name,
+                    event_id=event_id,
+                    status=EventStatus.SKIPPED.value,
+                    error_message=ev.REASON_DRY_RUN,
+                    payload=payload,
+                    event_time=event_time,
+                    **common,
+                )
+                await session.flush()
+                report.outcomes.append(
+                    EventOutcome(
+                        lvl,
+                        name,
+                        SendOutcome.SKIPPED,
+                        event_id=event_id,
+                        reason=ev.REASON_DRY_RUN,
+                        log_id=row.id,
+                    )
+                )
+                continue
+            if not await events_repo.claim_level(session, ctx.dialog.id, lvl, event_id):
+                # Another call claimed it between our read and our update.
+                await session.refresh(ctx.dialog)
+                report.outcomes.append(await self.existing_outcome(session, ctx.dialog, lvl, name))
+                continue
+            row = events_repo.add_log_row(
+                session,
+                level=int(lvl),
+                event_name=name,
+                event_id=event_id,
+                status=EventStatus.PENDING.value,
+                payload=payload,
+                event_time=event_time,
+                next_attempt_at=now,
+                locked_until=now + timedelta(seconds=self.config.lease_seconds),
+                **common,
+            )
+            await session.flush()
+            claimed.append(
+                ClaimedEvent(row.id, ctx.dialog.id, lvl, name, event_id, event_time, payload)
+            )
+            report.outcomes.append(
+                EventOutcome(
+                    lvl,
+                    name,
+                    SendOutcome.QUEUED,
+                    event_id=event_id,
+                    reason="claimed",
+                    log_id=row.id,
+                )
+            )
+        return report, claimed
+
+    async def existing_outcome(
+        self, session: Any, dialog: DialogAnalysisRow, level: Level, name: str
+    ) -> EventOutcome:
+        event_id = getattr(dialog, f"capi_{level.column}_event_id") or ""
+        sent_at = getattr(dialog, f"capi_{level.column}_sent_at")
+        if getattr(dialog, f"capi_{level.column}_sent"):
+            return EventOutcome(
+                level,
+                name,
+                SendOutcome.ALREADY_SENT,
+                event_id=event_id,
+                reason="already sent",
+                sent_at=sent_at,
+            )
+        row = await events_repo.latest_log_row(session, dialog.id, level)
+        if row is not None and row.status == EventStatus.SUCCESS.value:
+            return EventOutcome(
+                level,
+                name,
+                SendOutcome.ALREADY_SENT,
+                event_id=event_id,
+                reason="already sent",
+                sent_at=sent_at,
+                log_id=row.id,
+            )
+        if row is not None and row.status == EventStatus.ERROR.value:
+            return EventOutcome(
+                level,
+                row.event_name,
+                SendOutcome.FAILED,
+                event_id=event_id,
+                reason=row.error_message or "failed",
+                error_code=row.error_code,
+                error_subcode=row.error_subcode,
+                hint=row.hint or "",
+                log_id=row.id,
+            )
+        return EventOutcome(
+            level,
+            name,
+            SendOutcome.QUEUED,
+            event_id=event_id,
+            reason="already queued for sending",
+            log_id=row.id if row else None,
+        )
+
+    # -- delivery -----------------------------------------------------------------------
+
+    async def deliver(
+        self,
+        events: Sequence[ClaimedEvent],
+        pixel_id: str,
+        token: str,
+        test_event_code: str | None,
+    ) -> list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]]:
+        """Send in requests of up to 1,000 events; isolate events Meta rejects permanently.
+
+        Meta rejects a whole request when one event is bad, so a permanent failure of a
+        batch is split in halves until the bad events stand alone and the rest go through.
+        """
+        results: list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]] = []
+        for start in range(0, len(events), MAX_EVENTS_PER_REQUEST):
+            results += await self._deliver_batch(
+                list(events[start : start + MAX_EVENTS_PER_REQUEST]),
+                pixel_id,
+                token,
+                test_event_code,
+            )
+        return results
+
+    async def _deliver_batch(
+        self, batch: list[ClaimedEvent], pixel_id: str, token: str, test_event_code: str | None
+    ) -> list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]]:
+        body = build_request_body(
+            [e.payload for e in batch],
+            test_event_code=test_event_code,
+            partner_agent=self.config.partner_agent,
+        )
+        result = await self.graph.send_events(pixel_id, token, body)
+        if isinstance(result, GraphSuccess) or result.is_transient or len(batch) == 1:
+            return [(e, result) for e in batch]
+        if (
+            result.code == 190
+            or (result.code is not None and result.code in (10,))
+            or (result.code is not None and 200 <= result.code <= 299)
+        ):
+            # Token or permission problems fail every event alike: no point in splitting.
+            return [(e, result) for e in batch]
+        middle = len(batch) // 2
+        return await self._deliver_batch(
+            batch[:middle], pixel_id, token, test_event_code
+        ) + await self._deliver_batch(batch[middle:], pixel_id, token, test_event_code)
+
+    async def record(
+        self, results: Sequence[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]]
+    ) -> list[EventOutcome]:
+        now = self.clock()
+        outcomes: list[EventOutcome] = []
+        async with self.db.session() as session:
+            for event, result in results:
+                if isinstance(result, GraphSuccess):
+                    await events_repo.mark_success(
+                        session, event.log_id, event.dialog_id, event.level, dict(result.raw), now
+                    )
+                    outcomes.append(
+                        EventOutcome(
+                            event.level,
+                            event.event_name,
+                            SendOutcome.SENT,
+                            event_id=event.event_id,
+                            sent_at=now,
+                            log_id=event.log_id,
+                        )
+                    )
+                    continue
+                response = {"error_excerpt": result.raw_excerpt} if result.raw_excerpt else None
+                attempts = event.attempts + 1
+                expired = is_too_old(
+                    int(event.event_time.timestamp()),
+                    int(now.timestamp()),
+                    self.config.expiry_margin_seconds,
+                )
+                if result.is_transient and not expired:
+                    delay = ev.retry_delay(
+                        attempts,
+                        base_seconds=self.config.retry_base_seconds,
+                        max_seconds=self.config.retry_max_seconds,
+                    )
+                    await events_repo.mark_failure(
+                        session,
+                        event.log_id,
+                        status=EventStatus.PENDING,
+                        now=now,
+                        next_attempt_at=now + timedelta(seconds=delay),
+                        error_code=result.code,
+                        error_subcode=result.error_subcode,
+                        error_message=result.message,
+                        hint=result.hint,
+                        response=response,
+                    )
+                    outcomes.append(
+                        EventOutcome(
+                            event.level,
+                            event.event_name,
+                            SendOutcome.QUEUED,
+                            event_id=event.event_id,
+                            reason=f"transient error, will retry: {result.message}",
+                            error_code=result.code,
+                            error_subcode=result.error_subcode,
+                            log_id=event.log_id,
+                        )
+                    )
+                    continue
+                message = ev.REASON_EXPIRED if result.is_transient else result.message
+                await events_repo.mark_failure(
+                    session,
+                    event.log_id,
+                    status=EventStatus.ERROR,
+                    now=now,
+                    next_attempt_at=None,
+                    error_code=result.code,
+                    error_subcode=result.error_subcode,
+                    error_message=message,
+                    hint=result.hint,
+                    response=response,
+                )
+                outcomes.append(
+                    EventOutcome(
+                        event.level,
+                        event.event_name,
+                        SendOutcome.FAILED,
+                        event_id=event.event_id,
+                        reason=message,
+                        error_code=result.code,
+                        error_subcode=result.error_subcode,
+                        hint=result.hint or "",
+                        log_id=event.log_id,
+                    )
+                )
+            await session.commit()
+        return outcomes
+
+    # -- the retry queue ----------------------------------------------------------------
+
+    async def process_due(self) -> int:
+        """One pass of the retry worker; returns how many events it handled."""
+        now = self.clock()
+        lease = timedelta(seconds=self.config.lease_seconds)
+        async with self.db.session() as session:
+            due = await events_repo.take_due_events(
+                session, now, self.config.retry_batch_size, lease
+            )
+            await session.commit()
+        if not due:
+            return 0
+        groups: dict[tuple[int | None, str | None], list[events_repo.DueEvent]] = defaultdict(list)
+        expired: list[events_repo.DueEvent] = []
+        for item in due:
+            event_time = item.event_time or now
+            if is_too_old(
+                int(event_time.timestamp()), int(now.timestamp()), self.config.expiry_margin_seconds
+            ):
+                expired.append(item)
+            else:
+                groups[(item.direction_id, item.test_event_code)].append(item)
+        async with self.db.session() as session:
+            for item in expired:
+                await events_repo.mark_failure(
+                    session,
+                    item.log_id,
+                    status=EventStatus.ERROR,
+                    now=now,
+                    next_attempt_at=None,
+                    error_code=None,
+                    error_subcode=None,
+                    error_message=ev.REASON_EXPIRED,
+                    hint=None,
+                    response=None,
+                    count_attempt=False,
+                )
+            targets: dict[int, tuple[str | None, str | None]] = {}
+            for direction_id, _ in groups:
+                if direction_id is None or direction_id in targets:
+                    continue
+                row = await session.get(DirectionRow, direction_id)
+                token = None
+                if row is not None:
+                    token, _ = await dialogs_repo.access_token_for(session, row, self.cipher)
+                targets[direction_id] = (row.pixel_id if row else None, token)
+            unsendable = [
+                item
+                for (direction_id, _), items in groups.items()
+                for item in items
+                if direction_id is None or not all(targets.get(direction_id, (None, None)))
+            ]
+            for item in unsendable:
+                await events_repo.mark_failure(
+                    session,
+                    item.log_id,
+                    status=EventStatus.ERROR,
+                    now=now,
+                    next_attempt_at=None,
+                    error_code=None,
+                    error_subcode=None,
+                    error_message=f"{ev.REASON_NO_PIXEL} or {ev.REASON_NO_TOKEN}",
+                    hint=ev.HINT_NO_TOKEN,
+                    response=None,
+                    count_attempt=False,
+                )
+            await session.commit()
+        handled = len(expired) + len(unsendable)
+        for (direction_id, test_code), items in groups.items():
+            if direction_id is None or not all(targets.get(direction_id, (None, None))):
+                continue
+            pixel, token = targets[direction_id]
+            assert pixel and token
+            claimed = [
+                ClaimedEvent(
+                    log_id=i.log_id,
+                    dialog_id=i.dialog_id or 0,
+                    level=i.level,
+                    event_name=i.event_name,
+                    event_id=i.event_id or "",
+                    event_time=i.event_time or now,
+                    payload=i.payload or {},
+                    attempts=i.attempts,
+                )
+                for i in items
+            ]
+            results = await self.deliver(claimed, pixel, token, test_code)
+            await self.record(results)
+            handled += len(items)
+        return handled
+
+    # -- questions about the log --------------------------------------------------------
+
+    async def dialog_status(
+        self, ref: DialogRef
+    ) -> tuple[DialogContext, list[tuple[Level, bool, datetime | None, str, EventStatus | None]]]:
+        async with self.db.session() as session:
+            ctx = await self.load_context(session, ref, create=False)
+            levels = []
+            for lvl in Level:
+                row = await events_repo.latest_log_row(session, ctx.dialog.id, lvl)
+                levels.append(
+                    (
+                        lvl,
+                        bool(getattr(ctx.dialog, f"capi_{lvl.column}_sent")),
+                        getattr(ctx.dialog, f"capi_{lvl.column}_sent_at"),
+                        getattr(ctx.dialog, f"capi_{lvl.column}_event_id") or "",
+                        EventStatus(row.status) if row else None,
+                    )
+                )
+        return ctx, levels
+
+    async def list_events(self, **filters: Any) -> list[CapiEventLogRow]:
+        async with self.db.session() as session:
+            return await events_repo.list_log_rows(session, **filters)
+
+    async def retry_events(
+        self, log_ids: Sequence[int], direction_id: int | None, status: EventStatus
+    ) -> int:
+        if not log_ids and direction_id is None:
+            raise InvalidArgument.field("event_ids", "name event ids, or a direction_id")
+        async with self.db.session() as session:
+            if direction_id is not None:
+                await dialogs_repo.direction_by_id(session, direction_id)
+            count = await events_repo.requeue(
+                session,
+                log_ids=log_ids,
+                direction_id=direction_id,
+                status=status,
+                now=self.clock(),
+            )
+            await session.commit()
+        return count
+
+
+def normalize_contact(raw: str, region: str | None) -> str:
+    try:
+        return normalize_phone(raw, region)
+    except InvalidUserData as exc:
+        raise InvalidArgument.field("contact_phone", str(exc)) from None
+
+
+class RetryWorker:
+    """Background task: sends due pending events until stopped."""
+
+    def __init__(
+        self,
+        sender: SenderService,
+        poll_seconds: float,
+        on_error: Callable[[BaseException], Awaitable[None]] | None = None,
+    ) -> None:
+        self.sender = sender
+        self.poll_seconds = poll_seconds
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="capi-retry-worker")
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = await self.sender.process_due()
+            except Exception:
+                log.exception("retry worker pass failed")
+                handled = 0
+            if handled:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.poll_seconds)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+
+def as_utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -1,0 +1,74 @@
+"""Builders for test data through the public API (settings RPCs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capi.v1 import resources_pb2 as res
+from capi.v1 import settings_service_pb2 as pb
+from tests.conftest import Stubs, unique
+
+USER_TOKEN = "EAAB-user-token-secret"
+AD_TOKEN = "EAAB-ad-token-secret"
+
+
+@dataclass
+class DirectionSetup:
+    account_id: str
+    direction_id: str
+    instance_name: str
+    pixel_id: str
+
+
+async def whatsapp_direction(
+    stubs: Stubs,
+    *,
+    enabled: bool = True,
+    pixel_id: str = "1234567890",
+    user_token: str | None = USER_TOKEN,
+    ad_token: str | None = None,
+    region: str = "KZ",
+    waba: str = "",
+    prompt: str = "",
+    **capi: object,
+) -> DirectionSetup:
+    account = await stubs.settings.CreateUserAccount(
+        pb.CreateUserAccountRequest(
+            user_account=res.UserAccount(
+                name="Acme", access_token=user_token or "", default_region=region
+            )
+        )
+    )
+    account_id = account.user_account.id
+    ad_account_id = ""
+    if ad_token is not None:
+        ad = await stubs.settings.CreateAdAccount(
+            pb.CreateAdAccountRequest(
+                ad_account=res.AdAccount(
+                    user_account_id=account_id, name="Ads", access_token=ad_token
+                )
+            )
+        )
+        ad_account_id = ad.ad_account.id
+    instance = unique("inst")
+    settings = res.CapiSettings(enabled=enabled, source=res.CAPI_SOURCE_WHATSAPP)
+    for key, value in capi.items():
+        if key == "event_names":
+            settings.event_names.CopyFrom(value)  # type: ignore[arg-type]
+        else:
+            setattr(settings, key, value)
+    created = await stubs.settings.CreateDirection(
+        pb.CreateDirectionRequest(
+            direction=res.Direction(
+                user_account_id=account_id,
+                ad_account_id=ad_account_id,
+                name="Direction",
+                instance_name=instance,
+                pixel_id=pixel_id,
+                whatsapp_business_account_id=waba,
+                qualification_prompt=prompt,
+                capi=settings,
+            )
+        )
+    )
+    return DirectionSetup(account_id, created.direction.id, instance, pixel_id)
