@@ -56,6 +56,19 @@ proto: $(STAMP)
 		--python_out=protos --grpc_python_out=protos \
 		--mypy_out=protos --mypy_grpc_out=protos \
 		$(PROTO_FILES)
+	$(MAKE) proto-ts
+
+# Regenerates the committed TypeScript client (clients/typescript/src/gen) for agent-service
+# and chatbot-service with buf and local protoc-gen-es, both pinned in
+# clients/typescript/package-lock.json (npm registry only, no remote plugins). npm ci runs
+# when node_modules is missing or older than the lock file.
+.PHONY: proto-ts
+proto-ts:
+	cd clients/typescript && \
+		if [ ! node_modules/.package-lock.json -nt package-lock.json ]; then \
+			npm ci --silent --no-audit --no-fund; \
+		fi && \
+		npm run --silent generate
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -116,6 +116,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 code = "ABORTED_BY_HANDLER"
                 raise
+            except NotImplementedError:
+                code = "UNIMPLEMENTED"
+                await context.abort_with_status(
+                    status_of(
+                        code_pb2.UNIMPLEMENTED, f"{method} is not implemented", "UNIMPLEMENTED"
+                    )
+                )
             except Exception:
                 code = "INTERNAL"
                 log.exception("unhandled error", extra={"method": method})
