@@ -10,6 +10,7 @@ from capi_server.adapters.db.database import Database, create_engine, migrate
 from capi_server.adapters.db.secrets import PlaintextCipher, TokenCipher
 from capi_server.adapters.meta_graph import MetaGraphClient
 from capi_server.config import Settings
+from capi_server.services.crm import CrmService
 from capi_server.services.sender import RetryWorker, SenderConfig, SenderService
 from capi_server.services.settings import SettingsService
 
@@ -49,6 +50,7 @@ class App:
     settings_service: SettingsService
     graph: MetaGraphClient
     sender: SenderService
+    crm: CrmService
     retry_worker: RetryWorker | None = None
     closers: list[Any] = field(default_factory=list)
 
@@ -62,6 +64,7 @@ class App:
             await self.retry_worker.stop()
         for closer in reversed(self.closers):
             await closer()
+        await self.crm.aclose()
         await self.graph.aclose()
         await self.db.dispose()
 
@@ -96,4 +99,5 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
         settings_service=SettingsService(db, cipher),
         graph=graph,
         sender=sender,
+        crm=CrmService(settings, db, cipher, sender),
     )

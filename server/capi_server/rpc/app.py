@@ -23,6 +23,7 @@ from capi.v1 import (
 )
 from capi_server.bootstrap import App
 from capi_server.rpc.interceptors import ServerInterceptor
+from capi_server.rpc.qualification_servicer import QualificationServicer
 from capi_server.rpc.sender_servicer import SenderServicer
 from capi_server.rpc.settings_servicer import SettingsServicer
 
@@ -90,11 +91,10 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
         ],
     )
     settings_service_pb2_grpc.add_SettingsServiceServicer_to_server(
-        SettingsServicer(app.settings_service, None), server
+        SettingsServicer(app.settings_service, app.crm), server
     )
     qualification_service_pb2_grpc.add_QualificationServiceServicer_to_server(
-        qualification_service_pb2_grpc.QualificationServiceServicer(),  # type: ignore[abstract]
-        server,
+        QualificationServicer(app.crm), server
     )
     capi_sender_service_pb2_grpc.add_CapiSenderServiceServicer_to_server(
         SenderServicer(app.sender), server

@@ -36,7 +36,7 @@ from capi_server.adapters.db.settings_repo import direction_from_row
 from capi_server.adapters.meta_graph import GraphSuccess, MetaGraphError
 from capi_server.domain import events as ev
 from capi_server.domain.directions import Direction
-from capi_server.domain.errors import InvalidArgument, NotFound
+from capi_server.domain.errors import DomainError, InvalidArgument, NotFound
 from capi_server.domain.events import EventOutcome, EventStatus, SendOutcome
 from capi_server.domain.levels import Level
 from capi_server.domain.normalization import (
@@ -109,6 +109,13 @@ class ClaimedEvent:
     event_time: datetime
     payload: dict[str, Any]
     attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SendItem:
+    ref: DialogRef
+    level: Level
+    options: SendOptions
 
 
 @dataclass
@@ -217,31 +224,62 @@ class SenderService:
 
     async def send(self, ref: DialogRef, level: Level, options: SendOptions) -> SendReport:
         """Send `level` and every unsent lower level, lowest first; idempotent."""
+        (result,) = await self.send_many([SendItem(ref, level, options)])
+        if isinstance(result, DomainError):
+            raise result
+        return result
+
+    async def send_many(self, items: Sequence[SendItem]) -> list[SendReport | DomainError]:
+        """Send several (dialog, level) items with one claim transaction and batched requests.
+
+        Events for the same pixel, token and test code share Graph requests of up to 1,000
+        events (a CRM webhook naming many deals). An item whose input is bad gets its error
+        in its place; the other items go on.
+        """
         now = self.clock()
-        event_time = options.event_time or now
-        self._check_event_time(event_time, now)
-        email = None
-        if options.email:
-            try:
-                email = normalize_email(options.email)
-            except InvalidUserData as exc:
-                raise InvalidArgument.field("email", str(exc)) from None
+        results: list[SendReport | DomainError] = []
+        batches: dict[tuple[str, str, str | None], list[ClaimedEvent]] = defaultdict(list)
         async with self.db.session() as session:
-            ctx = await self.load_context(session, ref, create=True)
-            if email and ctx.lead.email != email:
-                ctx.lead.email = email
-            report, claimed = await self._plan(session, ctx, level, event_time, options, now)
+            for item in items:
+                try:
+                    event_time = item.options.event_time or now
+                    self._check_event_time(event_time, now)
+                    email = self._email(item.options)
+                    ctx = await self.load_context(session, item.ref, create=True)
+                    if email and ctx.lead.email != email:
+                        ctx.lead.email = email
+                    report, claimed = await self._plan(
+                        session, ctx, item.level, event_time, item.options, now
+                    )
+                except DomainError as exc:
+                    results.append(exc)
+                    continue
+                results.append(report)
+                if claimed:
+                    assert ctx.direction.pixel_id and ctx.access_token
+                    test_code = item.options.test_event_code or ctx.direction.capi.test_event_code
+                    key = (ctx.direction.pixel_id, ctx.access_token, test_code)
+                    batches[key].extend(claimed)
             await session.commit()
-        if claimed:
-            test_code = options.test_event_code or ctx.direction.capi.test_event_code
-            assert ctx.direction.pixel_id and ctx.access_token
-            results = await self.deliver(
-                claimed, ctx.direction.pixel_id, ctx.access_token, test_code
-            )
-            outcomes = await self.record(results)
-            by_level = {o.level: o for o in outcomes}
-            report.outcomes = [by_level.get(o.level, o) for o in report.outcomes]
-        return report
+        if not batches:
+            return results
+        delivered: list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]] = []
+        for (pixel_id, token, test_code), claimed in batches.items():
+            delivered += await self.deliver(claimed, pixel_id, token, test_code)
+        outcomes = {o.log_id: o for o in await self.record(delivered)}
+        for result in results:
+            if isinstance(result, SendReport):
+                result.outcomes = [outcomes.get(o.log_id, o) for o in result.outcomes]
+        return results
+
+    @staticmethod
+    def _email(options: SendOptions) -> str | None:
+        if not options.email:
+            return None
+        try:
+            return normalize_email(options.email)
+        except InvalidUserData as exc:
+            raise InvalidArgument.field("email", str(exc)) from None
 
     def _skip_reason(self, ctx: DialogContext) -> tuple[str, str] | None:
         direction = ctx.direction
