@@ -13,6 +13,7 @@ from capi_server.config import Settings
 from capi_server.services.crm import CrmService
 from capi_server.services.sender import RetryWorker, SenderConfig, SenderService
 from capi_server.services.settings import SettingsService
+from capi_server.services.whatsapp import QualificationLlm, WhatsAppService
 
 log = logging.getLogger("capi_server")
 
@@ -51,6 +52,8 @@ class App:
     graph: MetaGraphClient
     sender: SenderService
     crm: CrmService
+    whatsapp: WhatsAppService
+    llm: Any = None
     retry_worker: RetryWorker | None = None
     closers: list[Any] = field(default_factory=list)
 
@@ -65,6 +68,8 @@ class App:
         for closer in reversed(self.closers):
             await closer()
         await self.crm.aclose()
+        if self.llm is not None:
+            await self.llm.aclose()
         await self.graph.aclose()
         await self.db.dispose()
 
@@ -92,6 +97,7 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
             retry_batch_size=settings.retry_batch_size,
         ),
     )
+    llm = build_llm(settings)
     return App(
         settings=settings,
         db=db,
@@ -100,4 +106,22 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
         graph=graph,
         sender=sender,
         crm=CrmService(settings, db, cipher, sender),
+        whatsapp=WhatsAppService(db, sender, llm, dry_run=settings.dry_run),
+        llm=llm,
+    )
+
+
+def build_llm(settings: Settings) -> QualificationLlm | None:
+    """The OpenAI-compatible LLM, or None without OPENAI_API_KEY (level 1 still works)."""
+    if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
+        log.warning("OPENAI_API_KEY is not set: levels 2-3 are skipped (LLM not configured)")
+        return None
+    from capi_server.adapters.llm import OpenAiQualificationLlm
+
+    return OpenAiQualificationLlm(
+        api_key=settings.openai_api_key.get_secret_value(),
+        base_url=settings.openai_base_url,
+        model=settings.llm_model,
+        timeout=settings.llm_timeout_seconds,
+        token_budget=settings.llm_token_budget,
     )

@@ -94,7 +94,7 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
         SettingsServicer(app.settings_service, app.crm), server
     )
     qualification_service_pb2_grpc.add_QualificationServiceServicer_to_server(
-        QualificationServicer(app.crm), server
+        QualificationServicer(app.whatsapp, app.crm), server
     )
     capi_sender_service_pb2_grpc.add_CapiSenderServiceServicer_to_server(
         SenderServicer(app.sender), server

@@ -67,6 +67,10 @@ def parse_level(value: int, field: str = "level") -> Level:
         ) from None
 
 
+def level_out(level: Level) -> res.Level.ValueType:
+    return res.Level.ValueType(int(level))
+
+
 def parse_page(page_size: int, page_token: str) -> tuple[int, int]:
     """(limit, after_id) from page_size and an opaque page token."""
     if page_size < 0:

@@ -26,12 +26,20 @@ from capi_server.domain.errors import NotFound
 async def insert_ignore(
     session: AsyncSession, table: Table, values: dict[str, Any], conflict: list[str]
 ) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
+    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted.
+
+    RETURNING decides, not rowcount: psycopg reports -1 for this statement.
+    """
     dialect = session.bind.dialect.name if session.bind else "sqlite"
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(table).values(**values).on_conflict_do_nothing(index_elements=conflict)
+    stmt = (
+        insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict)
+        .returning(*table.primary_key.columns)
+    )
     result = await session.execute(stmt)
-    return bool(getattr(result, "rowcount", 0))
+    return result.first() is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,9 +31,10 @@ async def claim_level(session: AsyncSession, dialog_id: int, level: Level, event
         update(DialogAnalysisRow)
         .where(DialogAnalysisRow.id == dialog_id, column.is_(None))
         .values({column: event_id, DialogAnalysisRow.updated_at: utcnow()})
+        .returning(DialogAnalysisRow.id)
         .execution_options(synchronize_session=False)
     )
-    return bool(getattr(result, "rowcount", 0))
+    return result.first() is not None
 
 
 def add_log_row(session: AsyncSession, **values: Any) -> CapiEventLogRow:
@@ -216,9 +217,10 @@ async def requeue(
             locked_until=None,
             updated_at=now,
         )
+        .returning(CapiEventLogRow.id)
         .execution_options(synchronize_session=False)
     )
-    return int(getattr(result, "rowcount", 0))
+    return len(result.all())
 
 
 async def list_log_rows(

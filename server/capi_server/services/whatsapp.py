@@ -1,0 +1,504 @@
+"""WhatsApp source use cases: IngestMessage, AnalyzeDialog, review, prompt generation.
+
+The seed's qualificationAgent: analyzeQualification + processDialogForCapi +
+getDialogForCapi + getDirectionCapiSettings. Level 1 is a rule (2+ client messages);
+levels 2-3 come from the LLM; the sender sends reached levels exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+
+from capi_server.adapters.db import dialogs_repo
+from capi_server.adapters.db.database import Database
+from capi_server.adapters.db.events_repo import db_text
+from capi_server.adapters.db.orm import (
+    DialogAnalysisRow,
+    DialogMessageRow,
+    DirectionRow,
+    LeadRow,
+    utcnow,
+)
+from capi_server.adapters.llm import GeneratedPrompt, LlmAnalysis, LlmUnavailable
+from capi_server.domain.directions import CapiSource
+from capi_server.domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from capi_server.domain.events import EventOutcome
+from capi_server.domain.levels import Level, LevelDecision
+from capi_server.domain.payloads import MAX_EVENT_AGE_SECONDS
+from capi_server.domain.qualification import DialogMessage, interest_reached
+from capi_server.domain.whatsapp_webhooks import (
+    InboundMessage,
+    InvalidWebhook,
+    SkippedWebhook,
+    parse_whatsapp_webhook,
+)
+from capi_server.services.sender import DialogRef, SenderService, SendOptions, normalize_contact
+
+log = logging.getLogger("capi_server.qualification")
+
+MAX_TEXT_BYTES = 64 * 1024
+MAX_MESSAGES_FOR_LLM = 200
+MAX_DESCRIPTION_BYTES = 8 * 1024
+
+REASON_LLM_NOT_CONFIGURED = "LLM not configured"
+REASON_NO_PROMPT = "no qualification prompt"
+REASON_NOTHING_NEW = "no new client message since the last analysis"
+REASON_ALL_SENT = "levels 2-3 are already sent"
+
+
+class QualificationLlm(Protocol):
+    model: str
+
+    async def analyze(self, qualification_prompt: str, messages: Any) -> LlmAnalysis: ...
+
+    async def generate_prompt(
+        self, business_description: str, language: str
+    ) -> GeneratedPrompt: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """IngestMessage's explicit fields."""
+
+    direction_id: int | None
+    instance_name: str | None
+    contact_phone: str
+    message_id: str
+    from_me: bool
+    text: str
+    sent_at: datetime | None
+    ctwa_clid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    dialog_id: int | None = None
+    lead_id: int | None = None
+    stored: bool = False
+    skipped_reason: str = ""
+    has_ctwa_clid: bool = False
+
+
+@dataclass
+class AnalysisResult:
+    dialog_id: int
+    levels: list[LevelDecision] = field(default_factory=list)
+    held: set[Level] = field(default_factory=set)
+    evidence: dict[Level, list[str]] = field(default_factory=dict)
+    events: list[EventOutcome] = field(default_factory=list)
+    llm_called: bool = False
+    llm_skipped_reason: str = ""
+    model: str = ""
+    confidence: float = 0.0
+    skipped_reason: str = ""
+
+
+class WhatsAppService:
+    def __init__(
+        self,
+        db: Database,
+        sender: SenderService,
+        llm: QualificationLlm | None,
+        *,
+        dry_run: bool = False,
+    ) -> None:
+        self.db = db
+        self.sender = sender
+        self.llm = llm
+        self.dry_run = dry_run
+        # One LLM analysis per dialog at a time: later callers share the running one.
+        self._inflight: dict[int, asyncio.Future[AnalysisResult]] = {}
+
+    # -- IngestMessage ------------------------------------------------------------------
+
+    async def ingest_raw(
+        self, raw: str, direction_id: int | None, instance_name: str | None
+    ) -> IngestResult:
+        try:
+            parsed = parse_whatsapp_webhook(raw)
+        except InvalidWebhook as exc:
+            raise InvalidArgument.field(
+                f"raw_evolution_event.{exc.field}"
+                if exc.field != "body"
+                else "raw_evolution_event",
+                exc.reason,
+            ) from None
+        result = IngestResult(skipped_reason="no message in the webhook")
+        messages = [m for m in parsed if isinstance(m, InboundMessage)]
+        if not messages:
+            skipped = next((m for m in parsed if isinstance(m, SkippedWebhook)), None)
+            return IngestResult(skipped_reason=skipped.reason if skipped else result.skipped_reason)
+        first: IngestResult | None = None
+        async with self.db.session() as session:
+            for message in messages:
+                stored = await self._store(session, message, direction_id, instance_name)
+                first = first or stored
+            await session.commit()
+        assert first is not None
+        return first
+
+    async def ingest(self, message: IncomingMessage) -> IngestResult:
+        if not message.message_id.strip():
+            raise InvalidArgument.field("message_id", "is required")
+        if len(message.message_id) > 128:
+            raise InvalidArgument.field("message_id", "must be at most 128 characters")
+        if len(message.text.encode()) > MAX_TEXT_BYTES:
+            raise InvalidArgument.field("text", "must be at most 64 KiB")
+        if message.direction_id is None and not message.instance_name:
+            raise InvalidArgument.field("instance_name", "name the direction or its instance")
+        if not message.contact_phone.strip():
+            raise InvalidArgument.field("contact_phone", "is required")
+        if message.ctwa_clid is not None and len(message.ctwa_clid) > 1024:
+            raise InvalidArgument.field("ctwa_clid", "must be at most 1024 characters")
+        inbound = InboundMessage(
+            source="evolution",
+            instance_name=message.instance_name,
+            message_id=message.message_id.strip(),
+            contact_phone=message.contact_phone.strip(),
+            contact_lid=None,
+            from_me=message.from_me,
+            text=message.text,
+            message_type="text",
+            sent_at=int(message.sent_at.timestamp()) if message.sent_at else None,
+            ctwa_clid=message.ctwa_clid,
+            from_ad_without_click_id=False,
+            push_name=None,
+        )
+        async with self.db.session() as session:
+            result = await self._store(session, inbound, message.direction_id, None)
+            await session.commit()
+        return result
+
+    async def _store(
+        self,
+        session: Any,
+        message: InboundMessage,
+        direction_id: int | None,
+        fallback_instance: str | None,
+    ) -> IngestResult:
+        if direction_id is not None:
+            direction = await dialogs_repo.direction_by_id(session, direction_id)
+        else:
+            instance = message.instance_name or fallback_instance
+            if not instance:
+                raise InvalidArgument.field(
+                    "instance_name", "the webhook names no instance; pass instance_name"
+                )
+            direction = await dialogs_repo.direction_by_instance(session, instance)
+        if message.contact_phone:
+            region = await dialogs_repo.default_region(session, direction.user_account_id)
+            phone: str | None = normalize_contact(message.contact_phone, region)
+            key = phone or ""
+        else:
+            phone = None
+            key = message.contact_key
+        assert key
+        now = utcnow()
+        keys = await dialogs_repo.ensure_dialog(session, direction, key, phone, now=now)
+        if message.ctwa_clid:
+            await dialogs_repo.set_lead_ctwa_clid(session, keys.lead_id, message.ctwa_clid)
+        elif message.from_ad_without_click_id:
+            await session.execute(
+                update(LeadRow)
+                .where(LeadRow.id == keys.lead_id, LeadRow.ctwa_clid.is_(None))
+                .values(from_ad_without_click_id=True)
+            )
+        sent_at = datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now
+        stored = await dialogs_repo.insert_ignore(
+            session,
+            DialogMessageRow.__table__,  # type: ignore[arg-type]
+            {
+                "dialog_id": keys.dialog_id,
+                "message_id": message.message_id,
+                "from_me": message.from_me,
+                "text": db_text(message.text),
+                "message_type": message.message_type[:32],
+                "sent_at": sent_at,
+                "created_at": now,
+            },
+            ["dialog_id", "message_id"],
+        )
+        if stored and not message.from_me:
+            await session.execute(
+                update(DialogAnalysisRow)
+                .where(DialogAnalysisRow.id == keys.dialog_id)
+                .values(
+                    client_message_count=DialogAnalysisRow.client_message_count + 1,
+                    last_message_at=sent_at,
+                    updated_at=now,
+                )
+            )
+        clid = (
+            await session.execute(select(LeadRow.ctwa_clid).where(LeadRow.id == keys.lead_id))
+        ).scalar_one_or_none()
+        return IngestResult(
+            dialog_id=keys.dialog_id,
+            lead_id=keys.lead_id,
+            stored=stored,
+            skipped_reason="" if stored else "message already stored",
+            has_ctwa_clid=bool(clid),
+        )
+
+    # -- AnalyzeDialog ------------------------------------------------------------------
+
+    async def analyze(self, ref: DialogRef, *, dry_run: bool, force: bool) -> AnalysisResult:
+        """Coalesces concurrent calls for one dialog into one analysis (one LLM call)."""
+        async with self.db.session() as session:
+            ctx = await self.sender.load_context(session, ref, create=False)
+        dialog_id = ctx.dialog.id
+        running = self._inflight.get(dialog_id)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[AnalysisResult] = asyncio.get_running_loop().create_future()
+        self._inflight[dialog_id] = future
+        try:
+            result = await self._analyze(dialog_id, dry_run=dry_run, force=force)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: later callers re-raise it themselves
+            raise
+        finally:
+            self._inflight.pop(dialog_id, None)
+        future.set_result(result)
+        return result
+
+    async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
+        async with self.db.session() as session:
+            ctx = await self.sender.load_context(
+                session, DialogRef(dialog_id=dialog_id), create=False
+            )
+            dialog = ctx.dialog
+            result = AnalysisResult(dialog_id=dialog.id)
+            capi = ctx.direction.capi
+            if not capi.enabled:
+                result.skipped_reason = "CAPI disabled for the direction"
+                return result
+            if capi.source is CapiSource.CRM:
+                result.skipped_reason = "direction source is crm"
+                return result
+            log.info(
+                "[qualificationAgent] Starting qualification analysis",
+                extra={"dialogId": dialog.id},
+            )
+            rule = interest_reached(
+                [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
+            )
+            prompt = ctx.direction.qualification_prompt
+            nothing_new = dialog.client_message_count <= dialog.analyzed_client_message_count
+            upper_sent = bool(dialog.capi_qualified_event_id and dialog.capi_scheduled_event_id)
+            skip_llm = ""
+            if self.llm is None:
+                skip_llm = REASON_LLM_NOT_CONFIGURED
+            elif not prompt:
+                skip_llm = REASON_NO_PROMPT
+            elif upper_sent:
+                skip_llm = REASON_ALL_SENT
+            elif nothing_new and not force and dialog.analyzed_at is not None:
+                skip_llm = REASON_NOTHING_NEW
+            elif dialog.client_message_count == 0:
+                skip_llm = "no client message yet"
+            analysis: LlmAnalysis | None = None
+            messages: list[DialogMessage] = []
+            if not skip_llm:
+                rows = (
+                    await session.execute(
+                        select(DialogMessageRow)
+                        .where(DialogMessageRow.dialog_id == dialog.id)
+                        .order_by(DialogMessageRow.sent_at.desc(), DialogMessageRow.id.desc())
+                        .limit(MAX_MESSAGES_FOR_LLM)
+                    )
+                ).scalars()
+                messages = [
+                    DialogMessage(r.message_id, r.from_me, r.text, int(r.sent_at.timestamp()))
+                    for r in reversed(list(rows))
+                ]
+            analyzed_count = dialog.client_message_count
+            held_levels: dict[str, Any] = dict(dialog.held_levels or {})
+            stored_flags = {
+                Level.QUALIFIED: dialog.is_qualified,
+                Level.SCHEDULED: dialog.is_scheduled,
+            }
+            stored_analysis: dict[str, Any] = dict(dialog.analysis or {})
+            threshold = capi.review_confidence_threshold
+            last_message_at = dialog.last_message_at
+        # The LLM call runs outside any database transaction.
+        if not skip_llm:
+            assert self.llm is not None and prompt is not None
+            result.llm_called = True
+            try:
+                analysis = await self.llm.analyze(prompt, messages)
+            except LlmUnavailable as exc:
+                result.llm_skipped_reason = f"LLM failed: {exc.reason}"
+        else:
+            result.llm_skipped_reason = skip_llm
+        decisions: dict[Level, LevelDecision] = {Level.INTEREST: rule}
+        if analysis is not None:
+            verdict = analysis.verdict
+            result.model = analysis.model
+            result.confidence = verdict.confidence
+            for level in (Level.QUALIFIED, Level.SCHEDULED):
+                decisions[level] = verdict.decision(level)
+                if decisions[level].reached:
+                    result.evidence[level] = list(verdict.evidence_message_ids)
+            for level in (Level.QUALIFIED, Level.SCHEDULED):
+                if (
+                    decisions[level].reached
+                    and threshold > 0
+                    and verdict.confidence < threshold
+                    and held_levels.get(str(int(level)), {}).get("state") != "approved"
+                ):
+                    result.held.add(level)
+                    held_levels[str(int(level))] = {
+                        "state": "held",
+                        "confidence": verdict.confidence,
+                        "reason": decisions[level].reason,
+                    }
+            await self._store_analysis(dialog_id, analysis, analyzed_count, held_levels)
+        else:
+            for level in (Level.QUALIFIED, Level.SCHEDULED):
+                reason = stored_analysis.get(f"{level.column}_reason") or (
+                    result.llm_skipped_reason or "not judged"
+                )
+                decisions[level] = LevelDecision(level, stored_flags[level], reason)
+                if held_levels.get(str(int(level)), {}).get("state") == "held":
+                    result.held.add(level)
+            result.model = str(stored_analysis.get("model", ""))
+            result.confidence = float(stored_analysis.get("confidence", 0.0))
+        result.levels = [decisions[level] for level in Level]
+        target = max(
+            (d.level for d in result.levels if d.reached and d.level not in result.held),
+            default=None,
+        )
+        log.info(
+            "[qualificationAgent] Qualification analysis complete",
+            extra={
+                "dialogId": dialog_id,
+                "isInterested": decisions[Level.INTEREST].reached,
+                "isQualified": decisions[Level.QUALIFIED].reached,
+                "isScheduled": decisions[Level.SCHEDULED].reached,
+                "llmCalled": result.llm_called,
+            },
+        )
+        if target is not None:
+            result.events = await self._send(dialog_id, target, last_message_at, dry_run)
+        return result
+
+    async def _send(
+        self, dialog_id: int, level: Level, last_message_at: datetime | None, dry_run: bool
+    ) -> list[EventOutcome]:
+        now = utcnow()
+        event_time = last_message_at if last_message_at and last_message_at <= now else now
+        if (now - event_time).total_seconds() > MAX_EVENT_AGE_SECONDS / 2:
+            event_time = now
+        report = await self.sender.send(
+            DialogRef(dialog_id=dialog_id),
+            level,
+            SendOptions(event_time=event_time, dry_run=dry_run or self.dry_run, source="whatsapp"),
+        )
+        return report.outcomes
+
+    async def _store_analysis(
+        self,
+        dialog_id: int,
+        analysis: LlmAnalysis,
+        analyzed_count: int,
+        held_levels: dict[str, Any],
+    ) -> None:
+        verdict = analysis.verdict
+        async with self.db.session() as session:
+            await session.execute(
+                update(DialogAnalysisRow)
+                .where(DialogAnalysisRow.id == dialog_id)
+                .values(
+                    is_interested=verdict.is_interested,
+                    is_qualified=verdict.is_qualified,
+                    is_scheduled=verdict.is_scheduled,
+                    analysis={
+                        "interest_reason": verdict.interested_reason,
+                        "qualified_reason": verdict.qualified_reason,
+                        "scheduled_reason": verdict.scheduled_reason,
+                        "answered_questions": list(verdict.answered_questions),
+                        "evidence_message_ids": list(verdict.evidence_message_ids),
+                        "model": analysis.model,
+                        "confidence": verdict.confidence,
+                        "prompt_tokens": analysis.prompt_tokens,
+                        "completion_tokens": analysis.completion_tokens,
+                    },
+                    analysis_model=analysis.model[:100],
+                    analysis_prompt_version=analysis.prompt_version[:32],
+                    analysis_confidence=verdict.confidence,
+                    analyzed_at=utcnow(),
+                    analyzed_client_message_count=analyzed_count,
+                    held_levels=held_levels,
+                    updated_at=utcnow(),
+                )
+            )
+            await session.commit()
+
+    # -- review -------------------------------------------------------------------------
+
+    async def review(self, dialog_id: int, level: Level, approve: bool) -> list[EventOutcome]:
+        async with self.db.session() as session:
+            dialog = await session.get(DialogAnalysisRow, dialog_id)
+            if dialog is None:
+                raise NotFound(f"dialog {dialog_id} not found", reason="DIALOG_NOT_FOUND")
+            held = dict(dialog.held_levels or {})
+            entry = held.get(str(int(level)))
+            if not entry or entry.get("state") != "held":
+                raise FailedPrecondition(
+                    f"level {level.name} of dialog {dialog_id} is not held for review",
+                    reason="LEVEL_NOT_HELD",
+                )
+            held[str(int(level))] = {**entry, "state": "approved" if approve else "dropped"}
+            dialog.held_levels = held
+            last_message_at = dialog.last_message_at
+            await session.commit()
+        if not approve:
+            return []
+        return await self._send(dialog_id, level, last_message_at, dry_run=False)
+
+    # -- GenerateQualificationPrompt ----------------------------------------------------
+
+    async def generate_prompt(
+        self, direction_id: int, business_description: str, language: str
+    ) -> GeneratedPrompt:
+        if not business_description.strip():
+            raise InvalidArgument.field("business_description", "is required")
+        if len(business_description.encode()) > MAX_DESCRIPTION_BYTES:
+            raise InvalidArgument.field("business_description", "must be at most 8 KiB")
+        language = (language or "ru").strip().lower()
+        if not language.isalpha() or len(language) > 8:
+            raise InvalidArgument.field("language", "must be a language code such as ru or en")
+        async with self.db.session() as session:
+            await dialogs_repo.direction_by_id(session, direction_id)
+        if self.llm is None:
+            raise FailedPrecondition(
+                "LLM not configured: set OPENAI_API_KEY", reason="LLM_NOT_CONFIGURED"
+            )
+        try:
+            generated = await self.llm.generate_prompt(business_description, language)
+        except LlmUnavailable as exc:
+            if exc.is_transient:
+                raise Unavailable(
+                    f"LLM unavailable: {exc.reason}", reason="LLM_UNAVAILABLE"
+                ) from None
+            raise FailedPrecondition(f"LLM failed: {exc.reason}", reason="LLM_FAILED") from None
+        async with self.db.session() as session:
+            await session.execute(
+                update(DirectionRow)
+                .where(DirectionRow.id == direction_id)
+                .values(qualification_prompt=db_text(generated.text), updated_at=utcnow())
+            )
+            await session.commit()
+        return generated
