@@ -34,8 +34,15 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
     )
-    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
-    committed = sorted(p.relative_to(PROTOS) for p in (PROTOS / "capi").rglob("*_pb2*.py*"))
+    def stubs(root: Path) -> list[Path]:
+        return sorted(
+            p.relative_to(root)
+            for p in (root / "capi").rglob("*_pb2*")
+            if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts
+        )
+
+    generated = stubs(tmp_path)
+    committed = stubs(PROTOS)
     assert generated == committed, "stub files differ from protos/: run `make proto`"
     stale = [
         str(rel)
