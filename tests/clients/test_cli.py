@@ -58,7 +58,10 @@ async def make_direction(stubs: Stubs) -> str:
 
 def normalise(table: str) -> str:
     """Ids differ per run (the database is shared within a session)."""
-    return re.sub(r"(?m)^(id|user_account_id)( +)\d+$", r"\1\2<n>", table)
+    table = re.sub(r"(?m)^(id|user_account_id)( +)\d+$", r"\1\2<n>", table)
+    return re.sub(
+        r"(?m)^(create_time|update_time)( +)\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$", r"\1\2<t>", table
+    )
 
 
 GOLDEN_TABLE = """\
@@ -85,8 +88,8 @@ capi.event_names.scheduled        Schedule
 capi.require_ctwa_clid            false
 capi.limited_data_use             false
 capi.review_confidence_threshold  0.0
-create_time                       -
-update_time                       -
+create_time                       <t>
+update_time                       <t>
 """
 
 
@@ -100,6 +103,7 @@ async def test_direction_show_table_and_json(server: Stubs) -> None:
     assert as_json.code == 0
     document = json.loads(as_json.out)
     assert document.pop("user_account_id").isdigit()
+    assert document.pop("create_time") and document.pop("update_time")
     assert document == {
         "id": direction_id,
         "name": "Dental clinic",

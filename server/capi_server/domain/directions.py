@@ -6,6 +6,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from capi_server.domain.crm import CrmFieldRule, CrmType, validate_field_rule
@@ -91,6 +92,8 @@ class Direction:
     whatsapp_business_account_id: str | None = None
     qualification_prompt: str | None = None
     capi: CapiSettings = field(default_factory=CapiSettings)
+    created_at: datetime | None = field(default=None, compare=False)
+    updated_at: datetime | None = field(default=None, compare=False)
 
 
 def portal_of(crm_type: CrmType, base_url: str) -> str:

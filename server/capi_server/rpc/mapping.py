@@ -304,6 +304,8 @@ def direction_out(direction: Direction) -> res.Direction:
             limited_data_use=capi.limited_data_use,
             review_confidence_threshold=capi.review_confidence_threshold,
         ),
+        create_time=timestamp(direction.created_at),
+        update_time=timestamp(direction.updated_at),
     )
 
 

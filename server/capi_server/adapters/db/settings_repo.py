@@ -89,6 +89,8 @@ def direction_from_row(row: DirectionRow) -> Direction:
             limited_data_use=row.capi_limited_data_use,
             review_confidence_threshold=row.capi_review_confidence_threshold,
         ),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
     )
 
 
