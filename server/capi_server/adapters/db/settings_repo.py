@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,6 +25,8 @@ from capi_server.domain.directions import (
 )
 from capi_server.domain.errors import NotFound
 from capi_server.domain.levels import Level
+
+_Row = TypeVar("_Row", UserAccountRow, AdAccountRow, CrmConnectionRow)
 
 
 def user_account_from_row(row: UserAccountRow) -> UserAccount:
@@ -129,35 +131,47 @@ class SettingsRepository:
     def open(self, stored: str | None) -> str | None:
         return self.cipher.decrypt(stored) if stored else None
 
-    async def user_account_row(self, account_id: int, path: str = "id") -> UserAccountRow:
-        row = await self.session.get(UserAccountRow, account_id)
+    async def _get(
+        self, model: type[_Row], row_id: int, what: str, reason: str, key: str, path: str
+    ) -> _Row:
+        row = await self.session.get(model, row_id)
         if row is None:
             raise NotFound(
-                f"user account {account_id} not found",
-                reason="USER_ACCOUNT_NOT_FOUND",
-                metadata={"user_account_id": str(account_id), "field": path},
+                f"{what} {row_id} not found",
+                reason=reason,
+                metadata={key: str(row_id), "field": path},
             )
         return row
+
+    async def user_account_row(self, account_id: int, path: str = "id") -> UserAccountRow:
+        return await self._get(
+            UserAccountRow,
+            account_id,
+            "user account",
+            "USER_ACCOUNT_NOT_FOUND",
+            "user_account_id",
+            path,
+        )
 
     async def ad_account_row(self, ad_account_id: int, path: str = "id") -> AdAccountRow:
-        row = await self.session.get(AdAccountRow, ad_account_id)
-        if row is None:
-            raise NotFound(
-                f"ad account {ad_account_id} not found",
-                reason="AD_ACCOUNT_NOT_FOUND",
-                metadata={"ad_account_id": str(ad_account_id), "field": path},
-            )
-        return row
+        return await self._get(
+            AdAccountRow,
+            ad_account_id,
+            "ad account",
+            "AD_ACCOUNT_NOT_FOUND",
+            "ad_account_id",
+            path,
+        )
 
     async def crm_connection_row(self, connection_id: int, path: str = "id") -> CrmConnectionRow:
-        row = await self.session.get(CrmConnectionRow, connection_id)
-        if row is None:
-            raise NotFound(
-                f"CRM connection {connection_id} not found",
-                reason="CRM_CONNECTION_NOT_FOUND",
-                metadata={"crm_connection_id": str(connection_id), "field": path},
-            )
-        return row
+        return await self._get(
+            CrmConnectionRow,
+            connection_id,
+            "CRM connection",
+            "CRM_CONNECTION_NOT_FOUND",
+            "crm_connection_id",
+            path,
+        )
 
     async def direction_row(self, direction_id: int, *, for_update: bool = False) -> DirectionRow:
         stmt = select(DirectionRow).where(DirectionRow.id == direction_id)
