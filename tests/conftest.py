@@ -106,6 +106,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "insecure_dev": True,
         "listen": "127.0.0.1:0",
         "retry_worker_enabled": False,
+        "crm_reconcile_enabled": False,
         "meta_graph_url": "http://127.0.0.1:9",
         "settings_cache_seconds": 0.0,
     }

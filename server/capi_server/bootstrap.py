@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,8 +10,10 @@ from typing import Any
 from capi_server.adapters.db.database import Database, create_engine, migrate
 from capi_server.adapters.db.secrets import PlaintextCipher, TokenCipher
 from capi_server.adapters.meta_graph import MetaGraphClient
+from capi_server.adapters.metrics import MetricsEndpoint, QueueSnapshot, QueueSource
 from capi_server.config import Settings
 from capi_server.services.crm import CrmService
+from capi_server.services.diagnostics import DiagnosticsConfig, DiagnosticsService
 from capi_server.services.sender import RetryWorker, SenderConfig, SenderService
 from capi_server.services.settings import SettingsService
 from capi_server.services.whatsapp import QualificationLlm, WhatsAppService
@@ -56,13 +59,42 @@ class App:
     llm: Any = None
     retry_worker: RetryWorker | None = None
     closers: list[Any] = field(default_factory=list)
+    diagnostics: DiagnosticsService | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
 
     def start_background(self) -> None:
         if self.settings.retry_worker_enabled and self.retry_worker is None:
             self.retry_worker = RetryWorker(self.sender, self.settings.retry_poll_seconds)
             self.retry_worker.start()
+        if self.settings.crm_reconcile_enabled:
+            self.crm.start()
+        if self.settings.metrics_listen and self.metrics_endpoint is None:
+            self.metrics_endpoint = MetricsEndpoint.start(
+                self.settings.metrics_listen, self._queue_source()
+            )
+
+    def _queue_source(self) -> QueueSource | None:
+        """The retry-queue reader for scrapes: they run on the endpoint's thread, the
+        database on this event loop, so the query is handed to the loop and waited for."""
+        diagnostics = self.diagnostics
+        if diagnostics is None:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def read() -> QueueSnapshot | None:
+            if loop.is_closed():
+                return None
+            future = asyncio.run_coroutine_threadsafe(diagnostics.queue_snapshot(), loop)
+            return future.result(timeout=2.0)
+
+        return read
 
     async def aclose(self) -> None:
+        if self.metrics_endpoint is not None:
+            # In a thread: shutdown() waits for a scrape in progress, which may be waiting
+            # for this loop (the retry-queue query).
+            await asyncio.to_thread(self.metrics_endpoint.stop)
+            self.metrics_endpoint = None
         if self.retry_worker is not None:
             await self.retry_worker.stop()
         for closer in reversed(self.closers):
@@ -95,6 +127,7 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
             retry_max_seconds=settings.retry_max_seconds,
             expiry_margin_seconds=settings.expiry_margin_seconds,
             retry_batch_size=settings.retry_batch_size,
+            lease_seconds=settings.send_lease_seconds,
         ),
     )
     llm = build_llm(settings)
@@ -108,6 +141,16 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
         crm=CrmService(settings, db, cipher, sender),
         whatsapp=WhatsAppService(db, sender, llm, dry_run=settings.dry_run),
         llm=llm,
+        diagnostics=DiagnosticsService(
+            db,
+            cipher,
+            graph,
+            DiagnosticsConfig(
+                dry_run=settings.dry_run,
+                llm_model=settings.llm_model if llm is not None else None,
+                match_quality_ctwa_warn_share=settings.match_quality_ctwa_warn_share,
+            ),
+        ),
     )
 
 

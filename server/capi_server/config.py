@@ -47,11 +47,23 @@ class Settings(BaseSettings):
     retry_max_seconds: float = 3600.0
     retry_batch_size: int = 500
     expiry_margin_seconds: int = 3600
+    # A claimed event whose sender died is resent (same event_id) after this lease.
+    send_lease_seconds: float = 60.0
     # Bounded concurrency: calls beyond this wait, and beyond max_pending_rpcs are refused
     # with RESOURCE_EXHAUSTED instead of growing memory.
     max_concurrent_rpcs: int = 256
     partner_agent: str = ""
+    # CRM source: client-side rate limits per CRM account, read concurrency, reconciliation
+    # (the periodic job runs only for connections with reconcile_interval_seconds > 0).
+    crm_amocrm_rate_per_second: float = 7.0
+    crm_bitrix24_rate_per_second: float = 2.0
+    crm_concurrency: int = 8
+    crm_reconcile_max_entities: int = 500
+    crm_reconcile_poll_seconds: float = 30.0
+    crm_reconcile_enabled: bool = True
     settings_cache_seconds: float = 2.0
+    # Diagnose warns when fewer of a WhatsApp direction's sent events carry a ctwa_clid.
+    match_quality_ctwa_warn_share: float = 0.5
 
     def auth_token_map(self) -> dict[str, str]:
         """`caller:token,...` -> {token: caller}."""

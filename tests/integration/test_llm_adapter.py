@@ -128,8 +128,8 @@ async def test_logs_levels_without_message_text(
 
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [
-        "[qualificationAgent] Starting qualification analysis",
-        "[qualificationAgent] Qualification analysis complete",
+        "[qualificationAgent] Asking the LLM",
+        "[qualificationAgent] LLM verdict",
     ]
     complete = caplog.records[1]
     assert complete.__dict__["isInterested"] is True

@@ -23,6 +23,7 @@ import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
 
+from capi_server.adapters import metrics
 from capi_server.domain.qualification import (
     DEFAULT_TOKEN_BUDGET,
     DialogMessage,
@@ -206,6 +207,10 @@ class OpenAiQualificationLlm:
             # One exception type for callers: analysis runs in the background and must not
             # crash on an SDK or transport surprise. Unknown errors are logged with a trace.
             unavailable = classify_openai_error(exc)
+            metrics.observe_llm_call(
+                "analyze" if response_format is not None else "generate_prompt",
+                "transient_error" if unavailable.is_transient else "permanent_error",
+            )
             if not isinstance(exc, openai.OpenAIError | httpx2.HTTPError):
                 logger.exception("[qualificationAgent] Unexpected LLM client error")
             raise unavailable from exc
@@ -217,7 +222,7 @@ class OpenAiQualificationLlm:
         prompt_version = prompt_version_hash(qualification_prompt)
         client_messages = sum(1 for message in messages if not message.from_me)
         logger.info(
-            "[qualificationAgent] Starting qualification analysis",
+            "[qualificationAgent] Asking the LLM",
             extra={
                 "model": self.model,
                 "promptVersion": prompt_version,
@@ -236,6 +241,7 @@ class OpenAiQualificationLlm:
             response_format=analysis_response_format(),
         )
         elapsed = time.perf_counter() - started
+        metrics.observe_llm_completion("analyze", elapsed, completion.usage)
         content = _single_choice_content(completion)
         try:
             verdict = parse_verdict(content)
@@ -252,7 +258,7 @@ class OpenAiQualificationLlm:
             prompt_version=prompt_version,
         )
         logger.info(
-            "[qualificationAgent] Qualification analysis complete",
+            "[qualificationAgent] LLM verdict",
             extra={
                 "isInterested": verdict.is_interested,
                 "isQualified": verdict.is_qualified,
@@ -276,6 +282,7 @@ class OpenAiQualificationLlm:
             max_completion_tokens=PROMPT_MAX_COMPLETION_TOKENS,
             temperature=PROMPT_TEMPERATURE,
         )
+        metrics.observe_llm_completion("generate_prompt", None, completion.usage)
         text = _single_choice_content(completion).strip()
         usage = completion.usage
         logger.info(

@@ -30,6 +30,8 @@ from typing import Final
 
 import httpx2
 
+from capi_server.adapters import metrics
+
 logger = logging.getLogger("capi_server.meta_graph")
 
 DEFAULT_BASE_URL: Final = "https://graph.facebook.com"
@@ -270,10 +272,13 @@ class MetaGraphClient:
         payload = {key: value for key, value in body.items() if key != "access_token"}
         data = payload.get("data")
         event_count = len(data) if isinstance(data, list) else 0
+        events = _event_fields(data)
         logger.info(
             "[metaCapiClient] Sending CAPI event",
             extra={
                 "pixelId": pixel_id,
+                "eventName": events["eventName"],
+                "eventLevel": events["eventLevel"],
                 "eventCount": event_count,
                 "apiVersion": self._api_version,
                 "testEventCode": "test_event_code" in payload,
@@ -287,15 +292,18 @@ class MetaGraphClient:
             )
         except httpx2.HTTPError as exc:
             error = _transport_error(exc, time.perf_counter() - started)
+            metrics.observe_graph_request("events", error.kind.value, error.elapsed_seconds)
             _log_failure(pixel_id, error)
             return error
         elapsed = time.perf_counter() - started
         result = _send_result(response.status_code, response.content, access_token, elapsed)
+        metrics.observe_graph_request("events", _outcome(result), elapsed, event_count)
         if isinstance(result, GraphSuccess):
             logger.info(
                 "[metaCapiClient] CAPI event sent successfully",
                 extra={
                     "pixelId": pixel_id,
+                    "eventId": events["eventId"],
                     "eventsReceived": result.events_received,
                     "fbtrace_id": result.fbtrace_id,
                     "elapsedSeconds": round(elapsed, 4),
@@ -321,13 +329,35 @@ class MetaGraphClient:
             )
         except httpx2.HTTPError as exc:
             error = _transport_error(exc, time.perf_counter() - started)
+            metrics.observe_graph_request("check_token", error.kind.value, error.elapsed_seconds)
             _log_failure(pixel_id, error)
             return error
         elapsed = time.perf_counter() - started
         result = _token_check_result(response.status_code, response.content, access_token, elapsed)
+        metrics.observe_graph_request("check_token", _outcome(result), elapsed)
         if isinstance(result, MetaGraphError):
             _log_failure(pixel_id, result)
         return result
+
+
+def _outcome(result: GraphSuccess | GraphObjectFound | MetaGraphError) -> str:
+    """Metric label: "ok", or the failure kind."""
+    return result.kind.value if isinstance(result, MetaGraphError) else "ok"
+
+
+def _event_fields(data: object) -> dict[str, object]:
+    """The seed's log fields (eventName, eventLevel, eventId) of a request's events: plain
+    values for a one-event request, lists for a batch."""
+    events = [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+    custom = [e.get("custom_data") for e in events]
+    fields: dict[str, object] = {
+        "eventName": [e.get("event_name") for e in events],
+        "eventLevel": [c.get("event_level") if isinstance(c, dict) else None for c in custom],
+        "eventId": [e.get("event_id") for e in events],
+    }
+    if len(events) == 1:
+        return {key: value[0] for key, value in fields.items() if isinstance(value, list)}
+    return fields
 
 
 def _auth_headers(access_token: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from capi.v1 import (
     settings_service_pb2,
     settings_service_pb2_grpc,
 )
+from capi_server.adapters import metrics
 from capi_server.bootstrap import App
 from capi_server.rpc.interceptors import ServerInterceptor
 from capi_server.rpc.qualification_servicer import QualificationServicer
@@ -79,7 +80,9 @@ async def _watch_database(app: App, servicer: health.aio.HealthServicer) -> None
 async def start_server(app: App, listen: str | None = None) -> RunningServer:
     settings = app.settings
     interceptor = ServerInterceptor(
-        settings.auth_token_map(), max_in_flight=settings.max_concurrent_rpcs
+        settings.auth_token_map(),
+        max_in_flight=settings.max_concurrent_rpcs,
+        observe=metrics.observe_rpc,
     )
     server = grpc.aio.server(
         interceptors=[interceptor],
@@ -97,7 +100,7 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
         QualificationServicer(app.whatsapp, app.crm), server
     )
     capi_sender_service_pb2_grpc.add_CapiSenderServiceServicer_to_server(
-        SenderServicer(app.sender), server
+        SenderServicer(app.sender, app.diagnostics), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

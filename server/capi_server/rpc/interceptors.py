@@ -114,7 +114,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 )
                 await context.abort_with_status(status)
             except grpc.aio.AbortError:
-                code = "ABORTED_BY_HANDLER"
+                # The handler aborted with a status of its own: count it under that code.
+                code = _aborted_code(context)
                 raise
             except NotImplementedError:
                 code = "UNIMPLEMENTED"
@@ -142,3 +143,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _record(self, method: str, code: str, seconds: float) -> None:
         if self._observe is not None:
             self._observe(method, code, seconds)
+
+
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status a handler aborted with, e.g. "UNIMPLEMENTED" (for metrics and logs)."""
+    try:
+        status = context.code()
+    except Exception:  # an older grpcio without ServicerContext.code()
+        return "ABORTED_BY_HANDLER"
+    if isinstance(status, grpc.StatusCode):
+        return status.name
+    return "ABORTED_BY_HANDLER"

@@ -15,6 +15,7 @@ from capi_server.domain.errors import InvalidArgument
 from capi_server.domain.events import EventOutcome, EventStatus, SendOutcome
 from capi_server.domain.levels import Level
 from capi_server.rpc import mapping
+from capi_server.services.diagnostics import DiagnosticsService, FindingStatus
 from capi_server.services.sender import DialogRef, SenderService, SendOptions
 
 Ctx = grpc.aio.ServicerContext
@@ -33,6 +34,11 @@ STATUSES: dict[EventStatus, res.EventStatus.ValueType] = {
     EventStatus.SKIPPED: res.EVENT_STATUS_SKIPPED,
 }
 _STATUS_IN = {v: k for k, v in STATUSES.items()}
+_FINDING_STATUSES: dict[FindingStatus, pb.FindingStatus.ValueType] = {
+    FindingStatus.OK: pb.FINDING_STATUS_OK,
+    FindingStatus.WARN: pb.FINDING_STATUS_WARN,
+    FindingStatus.FAIL: pb.FINDING_STATUS_FAIL,
+}
 
 
 def event_result(outcome: EventOutcome) -> res.EventResult:
@@ -101,7 +107,9 @@ def log_entry(row: CapiEventLogRow) -> res.EventLogEntry:
 
 
 class SenderServicer(pb_grpc.CapiSenderServiceServicer):
-    def __init__(self, sender: SenderService, diagnostics: Any | None = None) -> None:
+    def __init__(
+        self, sender: SenderService, diagnostics: DiagnosticsService | None = None
+    ) -> None:
         self._sender = sender
         self._diagnostics = diagnostics
 
@@ -191,20 +199,48 @@ class SenderServicer(pb_grpc.CapiSenderServiceServicer):
     async def Diagnose(
         self, request: pb.DiagnoseRequest, context: Ctx[pb.DiagnoseRequest, pb.DiagnoseResponse]
     ) -> pb.DiagnoseResponse:
-        if self._diagnostics is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Diagnose is not available yet")
-        result: pb.DiagnoseResponse = await self._diagnostics.diagnose(request)
-        return result
+        diagnostics = await self._require_diagnostics(context)
+        findings = await diagnostics.diagnose(
+            mapping.require_id(request.direction_id, "direction_id")
+        )
+        return pb.DiagnoseResponse(
+            findings=[
+                pb.Finding(
+                    check=f.check, status=_FINDING_STATUSES[f.status], detail=f.detail, fix=f.fix
+                )
+                for f in findings
+            ]
+        )
 
     async def GetOptimizationAdvice(
         self,
         request: pb.GetOptimizationAdviceRequest,
         context: Ctx[pb.GetOptimizationAdviceRequest, pb.GetOptimizationAdviceResponse],
     ) -> pb.GetOptimizationAdviceResponse:
+        diagnostics = await self._require_diagnostics(context)
+        advice, counts = await diagnostics.advice(
+            mapping.require_id(request.direction_id, "direction_id")
+        )
+        return pb.GetOptimizationAdviceResponse(
+            recommended_level=mapping.level_out(advice.recommended_level),
+            event_name=advice.event_name,
+            reason=advice.reason,
+            counts=[
+                pb.LevelCount(
+                    level=mapping.level_out(c.level),
+                    event_name=c.event_name,
+                    last_7_days=c.last_7_days,
+                    previous_7_days=c.previous_7_days,
+                )
+                for c in counts
+            ],
+        )
+
+    async def _require_diagnostics(self, context: Ctx[Any, Any]) -> DiagnosticsService:
         if self._diagnostics is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "advice is not available yet")
-        result: pb.GetOptimizationAdviceResponse = await self._diagnostics.advice(request)
-        return result
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "diagnostics are not wired")
+        assert self._diagnostics is not None
+        return self._diagnostics
 
 
 __all__ = ["Level", "SenderServicer", "dialog_ref", "event_result", "log_entry"]

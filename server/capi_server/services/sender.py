@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 
+from capi_server.adapters import metrics
 from capi_server.adapters.db import dialogs_repo, events_repo
 from capi_server.adapters.db.database import Database
 from capi_server.adapters.db.orm import (
@@ -261,6 +262,7 @@ class SenderService:
                     key = (ctx.direction.pixel_id, ctx.access_token, test_code)
                     batches[key].extend(claimed)
             await session.commit()
+        metrics.observe_planned(o for r in results if isinstance(r, SendReport) for o in r.outcomes)
         if not batches:
             return results
         delivered: list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]] = []
@@ -611,6 +613,7 @@ class SenderService:
                     )
                 )
             await session.commit()
+        metrics.observe_delivered(outcomes)
         return outcomes
 
     # -- the retry queue ----------------------------------------------------------------
