@@ -34,6 +34,7 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
     )
+
     def stubs(root: Path) -> list[Path]:
         return sorted(
             p.relative_to(root)
