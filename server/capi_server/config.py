@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     expiry_margin_seconds: int = 3600
     # A claimed event whose sender died is resent (same event_id) after this lease.
     send_lease_seconds: float = 60.0
-    # Bounded concurrency: calls beyond this wait, and beyond max_pending_rpcs are refused
-    # with RESOURCE_EXHAUSTED instead of growing memory.
+    # Load shedding: calls beyond this many in flight are refused at once with
+    # RESOURCE_EXHAUSTED (clients back off) instead of queueing and growing memory.
     max_concurrent_rpcs: int = 256
     partner_agent: str = ""
     # CRM source: client-side rate limits per CRM account, read concurrency, reconciliation

@@ -69,5 +69,13 @@ def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Third-party request logs would print URLs; ours say what matters.
-    for noisy in ("httpx", "httpx2", "httpcore", "openai", "aiosqlite", "alembic.runtime"):
+    for noisy in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+        "openai",
+        "aiosqlite",
+        "alembic.runtime",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)

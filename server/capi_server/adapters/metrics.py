@@ -224,7 +224,7 @@ def exposition_registry(queue_source: QueueSource | None = None) -> CollectorReg
 def parse_listen(listen: str) -> tuple[str, int]:
     """'host:port' (or ':port', '[::1]:port') -> (host, port); ValueError when malformed."""
     host, sep, port_text = listen.strip().rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"CAPI_METRICS_LISTEN must be host:port, got {listen!r}")
     port = int(port_text)
     if not 0 <= port <= 65535:

@@ -27,7 +27,7 @@ PIXEL_WARNING = (
 _PIXEL_ID = re.compile(r"^\d{1,32}$")
 _EVENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,49}$")
 _REGION = re.compile(r"^[A-Z]{2}$")
-_TEST_EVENT_CODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TEST_EVENT_CODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_NAME = 200
 MAX_PROMPT = 32_000
 MAX_FIELDS_PER_LEVEL = 50
@@ -114,7 +114,7 @@ def validate_base_url(base_url: str, path: str) -> list[FieldViolation]:
 
 
 def validate_user_account(account: UserAccount, path: str) -> list[FieldViolation]:
-    problems = _validate_name(account.name, f"{path}.name")
+    problems = validate_name(account.name, f"{path}.name")
     if account.default_region and not _REGION.match(account.default_region):
         problems.append(
             FieldViolation(f"{path}.default_region", "must be an ISO 3166 alpha-2 code like KZ")
@@ -122,7 +122,7 @@ def validate_user_account(account: UserAccount, path: str) -> list[FieldViolatio
     return problems
 
 
-def _validate_name(name: str, path: str) -> list[FieldViolation]:
+def validate_name(name: str, path: str) -> list[FieldViolation]:
     if not name.strip():
         return [FieldViolation(path, "is required")]
     if len(name) > MAX_NAME:
@@ -132,7 +132,7 @@ def _validate_name(name: str, path: str) -> list[FieldViolation]:
 
 def validate_direction(direction: Direction, path: str = "direction") -> list[FieldViolation]:
     """Every rule a stored direction must satisfy; empty when valid."""
-    problems = _validate_name(direction.name, f"{path}.name")
+    problems = validate_name(direction.name, f"{path}.name")
     if direction.instance_name is not None and len(direction.instance_name) > MAX_NAME:
         problems.append(FieldViolation(f"{path}.instance_name", "must be at most 200 characters"))
     if direction.pixel_id and not _PIXEL_ID.match(direction.pixel_id):
@@ -149,7 +149,7 @@ def validate_direction(direction: Direction, path: str = "direction") -> list[Fi
         problems.append(FieldViolation(f"{path}.pixel_id", "is required when capi.enabled"))
     if capi.enabled and capi.source is None:
         problems.append(FieldViolation(f"{cpath}.source", "must be whatsapp or crm"))
-    if capi.test_event_code and not _TEST_EVENT_CODE.match(capi.test_event_code):
+    if capi.test_event_code and not TEST_EVENT_CODE.match(capi.test_event_code):
         problems.append(FieldViolation(f"{cpath}.test_event_code", "must be 1-64 of [A-Za-z0-9_-]"))
     if not 0.0 <= capi.review_confidence_threshold <= 1.0:
         problems.append(

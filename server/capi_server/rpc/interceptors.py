@@ -10,11 +10,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import code_pb2
 
+from capi_server.adapters.db.database import is_transient_db_error
 from capi_server.domain.errors import DomainError
 from capi_server.logs import caller_var, request_id_var
 from capi_server.rpc.errors import status_of, to_status
+from capi_server.rpc.validation import check_request
 
 log = logging.getLogger("capi_server.rpc")
 
@@ -104,6 +107,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = "OK"
             try:
+                if isinstance(request, Message):
+                    check_request(request)
                 return await inner(request, context)
             except DomainError as exc:
                 status = to_status(exc)
@@ -124,7 +129,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         code_pb2.UNIMPLEMENTED, f"{method} is not implemented", "UNIMPLEMENTED"
                     )
                 )
-            except Exception:
+            except Exception as exc:
+                if is_transient_db_error(exc):
+                    code = "UNAVAILABLE"
+                    log.warning(
+                        "database unavailable",
+                        extra={"method": method, "error": type(exc).__name__},
+                    )
+                    await context.abort_with_status(
+                        status_of(
+                            code_pb2.UNAVAILABLE,
+                            "database unavailable; retry with backoff",
+                            "DATABASE_UNAVAILABLE",
+                        )
+                    )
                 code = "INTERNAL"
                 log.exception("unhandled error", extra={"method": method})
                 await context.abort_with_status(

@@ -43,7 +43,7 @@ def parse_id(value: str, field: str, *, required: bool = True) -> int | None:
         if required:
             raise InvalidArgument.field(field, "is required")
         return None
-    if not value.isdigit() or len(value) > 18 or int(value) <= 0:
+    if not (value.isascii() and value.isdigit()) or len(value) > 18 or int(value) <= 0:
         raise InvalidArgument.field(field, "must be a positive decimal id")
     return int(value)
 

@@ -194,7 +194,11 @@ def parse_entity_id(raw: str, field_name: str = "entity_id") -> str | None:
     text = raw.strip()
     if not text:
         return None
-    if not text.isdigit() or len(text) > _ENTITY_ID_MAX_DIGITS or int(text) <= 0:
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text) > _ENTITY_ID_MAX_DIGITS
+        or int(text) <= 0
+    ):
         raise InvalidArgument.field(field_name, "must be a positive numeric CRM id")
     return str(int(text))
 
@@ -331,7 +335,7 @@ class CrmService:
             id=row.id,
             user_account_id=row.user_account_id,
             crm_type=CrmType(row.crm_type),
-            base_url=row.base_url,
+            base_url=self.cipher.decrypt(row.base_url),
             portal=row.portal,
             access_token=self.cipher.decrypt(row.access_token) if row.access_token else None,
             application_token=(

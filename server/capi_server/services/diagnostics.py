@@ -166,9 +166,14 @@ def build_crm_client(row: CrmConnectionRow, cipher: TokenCipher) -> CrmClient:
         if not token:
             raise CrmError("the amoCRM connection has no access token", "auth")
         return AmoCrmClient(
-            base_url=row.base_url, access_token=token, retry=retry, timeout_seconds=5.0
+            base_url=cipher.decrypt(row.base_url),
+            access_token=token,
+            retry=retry,
+            timeout_seconds=5.0,
         )
-    return Bitrix24Client(webhook_url=row.base_url, retry=retry, timeout_seconds=5.0)
+    return Bitrix24Client(
+        webhook_url=cipher.decrypt(row.base_url), retry=retry, timeout_seconds=5.0
+    )
 
 
 def _rule_entity_types(crm_type: CrmType, rule: CrmFieldRule) -> tuple[EntityType, ...]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,12 +38,13 @@ from capi_server.adapters.db.secrets import TokenCipher
 from capi_server.adapters.db.settings_repo import direction_from_row
 from capi_server.adapters.meta_graph import GraphSuccess, MetaGraphError
 from capi_server.domain import events as ev
-from capi_server.domain.directions import Direction
+from capi_server.domain.directions import TEST_EVENT_CODE, Direction
 from capi_server.domain.errors import DomainError, InvalidArgument, NotFound
 from capi_server.domain.events import EventOutcome, EventStatus, SendOutcome
 from capi_server.domain.levels import Level
 from capi_server.domain.normalization import (
     InvalidUserData,
+    is_already_hashed,
     normalize_email,
     normalize_phone,
     sha256_hex,
@@ -59,6 +62,7 @@ from capi_server.domain.payloads import (
 log = logging.getLogger("capi_server.sender")
 
 FUTURE_TOLERANCE = timedelta(minutes=10)
+CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 
 
 class GraphPort(Protocol):
@@ -245,7 +249,7 @@ class SenderService:
                 try:
                     event_time = item.options.event_time or now
                     self._check_event_time(event_time, now)
-                    email = self._email(item.options)
+                    email = self._check_options(item.options)
                     ctx = await self.load_context(session, item.ref, create=True)
                     if email and ctx.lead.email != email:
                         ctx.lead.email = email
@@ -275,9 +279,21 @@ class SenderService:
         return results
 
     @staticmethod
-    def _email(options: SendOptions) -> str | None:
+    def _check_options(options: SendOptions) -> str | None:
+        """Validates the caller's options; returns the normalised email, if any."""
+        if options.test_event_code and not TEST_EVENT_CODE.match(options.test_event_code):
+            raise InvalidArgument.field("test_event_code", "must be 1-64 of [A-Za-z0-9_-]")
+        if options.currency and not CURRENCY.match(options.currency):
+            raise InvalidArgument.field("currency", "must be a three-letter ISO 4217 code")
+        if options.value is not None:
+            if not math.isfinite(options.value) or options.value < 0:
+                raise InvalidArgument.field("value", "must be a finite number >= 0")
+            if not options.currency:
+                raise InvalidArgument.field("currency", "is required with value")
         if not options.email:
             return None
+        if len(options.email) > 320:
+            raise InvalidArgument.field("email", "must be at most 320 characters")
         try:
             return normalize_email(options.email)
         except InvalidUserData as exc:
@@ -655,13 +671,18 @@ class SenderService:
                     count_attempt=False,
                 )
             targets: dict[int, tuple[str | None, str | None]] = {}
+            unusable: dict[int, DomainError] = {}
             for direction_id, _ in groups:
                 if direction_id is None or direction_id in targets:
                     continue
                 row = await session.get(DirectionRow, direction_id)
                 token = None
                 if row is not None:
-                    token, _ = await dialogs_repo.access_token_for(session, row, self.cipher)
+                    # One direction's broken token must not hold up the others' events.
+                    try:
+                        token, _ = await dialogs_repo.access_token_for(session, row, self.cipher)
+                    except DomainError as exc:
+                        unusable[direction_id] = exc
                 targets[direction_id] = (row.pixel_id if row else None, token)
             unsendable = [
                 item
@@ -670,6 +691,7 @@ class SenderService:
                 if direction_id is None or not all(targets.get(direction_id, (None, None)))
             ]
             for item in unsendable:
+                problem = unusable.get(item.direction_id or 0)
                 await events_repo.mark_failure(
                     session,
                     item.log_id,
@@ -678,7 +700,11 @@ class SenderService:
                     next_attempt_at=None,
                     error_code=None,
                     error_subcode=None,
-                    error_message=f"{ev.REASON_NO_PIXEL} or {ev.REASON_NO_TOKEN}",
+                    error_message=(
+                        problem.message
+                        if problem
+                        else f"{ev.REASON_NO_PIXEL} or {ev.REASON_NO_TOKEN}"
+                    ),
                     hint=ev.HINT_NO_TOKEN,
                     response=None,
                     count_attempt=False,
@@ -753,6 +779,10 @@ class SenderService:
 
 
 def normalize_contact(raw: str, region: str | None) -> str:
+    """International digits of a contact's phone; INVALID_ARGUMENT naming contact_phone."""
+    if is_already_hashed(raw.strip().lower()):
+        # The phone is also the dialog's key and is hashed when sent: a hash won't do.
+        raise InvalidArgument.field("contact_phone", "must be a phone number, not a hash")
     try:
         return normalize_phone(raw, region)
     except InvalidUserData as exc:

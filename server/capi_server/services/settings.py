@@ -34,6 +34,7 @@ from capi_server.domain.directions import (
     portal_of,
     validate_base_url,
     validate_direction,
+    validate_name,
     validate_user_account,
 )
 from capi_server.domain.errors import (
@@ -123,8 +124,7 @@ class SettingsService:
 
     async def create_ad_account(self, account: AdAccount, access_token: str | None) -> AdAccount:
         problems = _check_token(access_token, "ad_account.access_token")
-        if not account.name.strip():
-            problems.append(FieldViolation("ad_account.name", "is required"))
+        problems += validate_name(account.name, "ad_account.name")
         _raise_if(problems)
         async with self.db.session() as session:
             repo = SettingsRepository(session, self.cipher)
@@ -144,8 +144,8 @@ class SettingsService:
         assert account.id is not None
         paths = _mask(paths, {"name", "access_token"})
         _raise_if(_check_token(access_token, "ad_account.access_token"))
-        if "name" in paths and not account.name.strip():
-            _raise_if([FieldViolation("ad_account.name", "is required")])
+        if "name" in paths:
+            _raise_if(validate_name(account.name, "ad_account.name"))
         async with self.db.session() as session:
             repo = SettingsRepository(session, self.cipher)
             row = await repo.ad_account_row(account.id, "ad_account.id")
@@ -184,7 +184,8 @@ class SettingsService:
             row = CrmConnectionRow(
                 user_account_id=connection.user_account_id,
                 crm_type=connection.crm_type.value,
-                base_url=connection.base_url.strip(),
+                # A Bitrix24 webhook URL holds its secret code: sealed like the tokens.
+                base_url=repo.seal(connection.base_url.strip()) or "",
                 portal=portal_of(connection.crm_type, connection.base_url),
                 access_token=repo.seal(access_token),
                 application_token=repo.seal(application_token),
@@ -192,7 +193,7 @@ class SettingsService:
             )
             session.add(row)
             await session.commit()
-            return crm_connection_from_row(row)
+            return crm_connection_from_row(row, self.cipher)
 
     async def update_crm_connection(
         self,
@@ -219,8 +220,8 @@ class SettingsService:
             repo = SettingsRepository(session, self.cipher)
             row = await repo.crm_connection_row(connection.id, "crm_connection.id")
             if "base_url" in paths:
-                row.base_url = connection.base_url.strip()
-                row.portal = portal_of(CrmType(row.crm_type), row.base_url)
+                row.base_url = repo.seal(connection.base_url.strip()) or ""
+                row.portal = portal_of(CrmType(row.crm_type), connection.base_url)
             if "access_token" in paths:
                 row.access_token = repo.seal(access_token)
             if "application_token" in paths:
@@ -228,7 +229,7 @@ class SettingsService:
             if "reconcile_interval_seconds" in paths:
                 row.reconcile_interval_seconds = connection.reconcile_interval_seconds
             await session.commit()
-            return crm_connection_from_row(row)
+            return crm_connection_from_row(row, self.cipher)
 
     # -- directions --------------------------------------------------------------------
 

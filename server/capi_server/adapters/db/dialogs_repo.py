@@ -19,8 +19,8 @@ from capi_server.adapters.db.orm import (
     UserAccountRow,
     utcnow,
 )
-from capi_server.adapters.db.secrets import TokenCipher
-from capi_server.domain.errors import NotFound
+from capi_server.adapters.db.secrets import TokenCipher, UndecryptableSecret
+from capi_server.domain.errors import FailedPrecondition, NotFound
 
 
 async def insert_ignore(
@@ -155,7 +155,26 @@ async def set_lead_ctwa_clid(session: AsyncSession, lead_id: int, ctwa_clid: str
 async def access_token_for(
     session: AsyncSession, direction: DirectionRow, cipher: TokenCipher
 ) -> tuple[str | None, str]:
-    """(token, where it came from): the ad account's, else the user account's."""
+    """(token, where it came from): the ad account's, else the user account's.
+
+    Raises FailedPrecondition when the stored token cannot be decrypted with the
+    configured keys (a key was removed from CAPI_ENCRYPTION_KEYS too early).
+    """
+    try:
+        return await _access_token_for(session, direction, cipher)
+    except UndecryptableSecret:
+        raise FailedPrecondition(
+            f"the access token of direction {direction.id} cannot be decrypted with "
+            "CAPI_ENCRYPTION_KEYS: put the key it was written with back into the list, or "
+            "set the token again",
+            reason="TOKEN_UNDECRYPTABLE",
+            metadata={"direction_id": str(direction.id)},
+        ) from None
+
+
+async def _access_token_for(
+    session: AsyncSession, direction: DirectionRow, cipher: TokenCipher
+) -> tuple[str | None, str]:
     if direction.ad_account_id is not None:
         stored = (
             await session.execute(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from capi_server.adapters.db.secrets import UndecryptableSecret
+
 PREFIX = "fernet:"
 
 
@@ -37,7 +39,7 @@ class FernetCipher:
             return stored
         try:
             return self._cipher.decrypt(stored[len(PREFIX) :].encode()).decode()
-        except InvalidToken as exc:
-            raise ValueError(
+        except InvalidToken:
+            raise UndecryptableSecret(
                 "a stored token cannot be decrypted with CAPI_ENCRYPTION_KEYS"
-            ) from exc
+            ) from None

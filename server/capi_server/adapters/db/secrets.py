@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class UndecryptableSecret(ValueError):
+    """A stored secret that none of the configured keys opens (a key was removed)."""
+
+
 class TokenCipher(Protocol):
     def encrypt(self, plaintext: str) -> str: ...
 

@@ -47,12 +47,12 @@ def ad_account_from_row(row: AdAccountRow) -> AdAccount:
     )
 
 
-def crm_connection_from_row(row: CrmConnectionRow) -> CrmConnection:
+def crm_connection_from_row(row: CrmConnectionRow, cipher: TokenCipher) -> CrmConnection:
     return CrmConnection(
         id=row.id,
         user_account_id=row.user_account_id,
         crm_type=CrmType(row.crm_type),
-        base_url=row.base_url,
+        base_url=cipher.decrypt(row.base_url),
         portal=row.portal,
         has_access_token=bool(row.access_token),
         has_application_token=bool(row.application_token),
