@@ -14,6 +14,7 @@ from capi_server.adapters.metrics import MetricsEndpoint, QueueSnapshot, QueueSo
 from capi_server.config import Settings
 from capi_server.services.crm import CrmService
 from capi_server.services.diagnostics import DiagnosticsConfig, DiagnosticsService
+from capi_server.services.hot_cache import HotCache
 from capi_server.services.sender import RetryWorker, SenderConfig, SenderService
 from capi_server.services.settings import SettingsService
 from capi_server.services.whatsapp import QualificationLlm, WhatsAppService
@@ -116,6 +117,7 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
         settings.meta_api_version,
         read_timeout_seconds=settings.meta_timeout_seconds,
     )
+    cache = HotCache(cipher, settings.settings_cache_seconds)
     sender = SenderService(
         db,
         cipher,
@@ -129,13 +131,14 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
             retry_batch_size=settings.retry_batch_size,
             lease_seconds=settings.send_lease_seconds,
         ),
+        cache=cache,
     )
     llm = build_llm(settings)
     return App(
         settings=settings,
         db=db,
         cipher=cipher,
-        settings_service=SettingsService(db, cipher),
+        settings_service=SettingsService(db, cipher, on_change=cache.forget_directions),
         graph=graph,
         sender=sender,
         crm=CrmService(settings, db, cipher, sender),

@@ -144,7 +144,7 @@ class SenderServicer(pb_grpc.CapiSenderServiceServicer):
         ctx, levels = await self._sender.dialog_status(ref)
         return pb.GetDialogStatusResponse(
             dialog_id=str(ctx.dialog.id),
-            direction_id=str(ctx.direction_row.id),
+            direction_id=str(ctx.direction_id),
             has_ctwa_clid=bool(ctx.lead.ctwa_clid),
             levels=[
                 pb.LevelStatus(

@@ -588,7 +588,10 @@ class CrmService:
                     continue
                 if direction.id not in rows:
                     rows[direction.id] = await dialogs_repo.direction_by_id(session, direction.id)
-                keys = await dialogs_repo.ensure_dialog(session, rows[direction.id], phone, phone)
+                row = rows[direction.id]
+                keys = await dialogs_repo.ensure_dialog(
+                    session, row.id, row.instance_name, phone, phone
+                )
                 check.dialog_id = keys.dialog_id
                 await self._link_lead(session, keys.lead_id, check)
             await session.commit()

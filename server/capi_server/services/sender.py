@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import select
-
 from capi_server.adapters import metrics
 from capi_server.adapters.db import dialogs_repo, events_repo
-from capi_server.adapters.db.database import Database
+from capi_server.adapters.db.database import Database, on_commit
+from capi_server.adapters.db.dialogs_repo import DialogKeys
 from capi_server.adapters.db.orm import (
     CapiEventLogRow,
     DialogAnalysisRow,
@@ -35,7 +34,6 @@ from capi_server.adapters.db.orm import (
     utcnow,
 )
 from capi_server.adapters.db.secrets import TokenCipher
-from capi_server.adapters.db.settings_repo import direction_from_row
 from capi_server.adapters.meta_graph import GraphSuccess, MetaGraphError
 from capi_server.domain import events as ev
 from capi_server.domain.directions import TEST_EVENT_CODE, Direction
@@ -58,6 +56,7 @@ from capi_server.domain.payloads import (
     event_id_for,
     is_too_old,
 )
+from capi_server.services.hot_cache import DirectionSnapshot, HotCache
 
 log = logging.getLogger("capi_server.sender")
 
@@ -96,7 +95,7 @@ class SendOptions:
 
 @dataclass(frozen=True, slots=True)
 class DialogContext:
-    direction_row: DirectionRow
+    direction_id: int
     direction: Direction
     dialog: DialogAnalysisRow
     lead: LeadRow
@@ -114,6 +113,7 @@ class ClaimedEvent:
     event_time: datetime
     payload: dict[str, Any]
     attempts: int = 0
+    direction_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +148,47 @@ class SenderService:
         graph: GraphPort,
         config: SenderConfig,
         *,
+        cache: HotCache | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.db = db
         self.cipher = cipher
         self.graph = graph
         self.config = config
+        self.cache = cache or HotCache(cipher, 0.0)
         self.clock = clock
 
     # -- resolving a dialog -------------------------------------------------------------
+
+    async def resolve_dialog(
+        self, session: Any, ref: DialogRef, *, create: bool
+    ) -> tuple[DirectionSnapshot, DialogKeys | None]:
+        """The direction and the dialog's keys; with `create`, the dialog is created."""
+        if ref.direction_id is not None:
+            snapshot = await self.cache.direction(session, direction_id=ref.direction_id)
+        elif ref.instance_name:
+            snapshot = await self.cache.direction(session, instance_name=ref.instance_name)
+        else:
+            raise InvalidArgument.field(
+                "dialog_id", "name the dialog by dialog_id or by instance_name and contact_phone"
+            )
+        if not ref.contact_phone:
+            raise InvalidArgument.field("contact_phone", "is required with instance_name")
+        phone = normalize_contact(ref.contact_phone, snapshot.default_region)
+        keys = self.cache.dialog_keys(snapshot.direction_id, phone)
+        if keys is None:
+            keys = await dialogs_repo.find_dialog(session, snapshot.direction_id, phone)
+            if keys is None and create:
+                keys = await dialogs_repo.ensure_dialog(
+                    session, snapshot.direction_id, snapshot.direction.instance_name, phone, phone
+                )
+            if keys is not None:
+                found = keys
+                # Remembered once committed: this transaction may have created the rows,
+                # and a rollback (or another transaction not seeing them yet) must not
+                # meet cached ids.
+                on_commit(session, lambda: self.cache.remember_dialog(phone, found))
+        return snapshot, keys
 
     async def load_context(self, session: Any, ref: DialogRef, *, create: bool) -> DialogContext:
         if ref.dialog_id is not None:
@@ -167,53 +199,59 @@ class SenderService:
                     reason="DIALOG_NOT_FOUND",
                     metadata={"dialog_id": str(ref.dialog_id)},
                 )
-            direction_row = await dialogs_repo.direction_by_id(session, dialog.direction_id)
-            lead = await session.get(LeadRow, dialog.lead_id)
-            assert lead is not None
+            snapshot = await self.cache.direction(session, direction_id=dialog.direction_id)
         else:
-            if ref.direction_id is not None:
-                direction_row = await dialogs_repo.direction_by_id(session, ref.direction_id)
-            elif ref.instance_name:
-                direction_row = await dialogs_repo.direction_by_instance(session, ref.instance_name)
-            else:
-                raise InvalidArgument.field(
-                    "dialog_id",
-                    "name the dialog by dialog_id or by instance_name and contact_phone",
-                )
-            if not ref.contact_phone:
-                raise InvalidArgument.field("contact_phone", "is required with instance_name")
-            region = await dialogs_repo.default_region(session, direction_row.user_account_id)
-            phone = normalize_contact(ref.contact_phone, region)
-            if create:
-                keys = await dialogs_repo.ensure_dialog(session, direction_row, phone, phone)
-                dialog_opt = await session.get(DialogAnalysisRow, keys.dialog_id)
-            else:
-                dialog_opt = (
-                    await session.execute(
-                        select(DialogAnalysisRow)
-                        .join(LeadRow, LeadRow.id == DialogAnalysisRow.lead_id)
-                        .where(
-                            LeadRow.direction_id == direction_row.id, LeadRow.contact_key == phone
-                        )
-                    )
-                ).scalar_one_or_none()
-            if dialog_opt is None:
+            snapshot, keys = await self.resolve_dialog(session, ref, create=create)
+            if keys is None:
                 raise NotFound(
                     "no dialog for this instance and phone",
                     reason="DIALOG_NOT_FOUND",
                     metadata={"instance_name": ref.instance_name or ""},
                 )
-            dialog = dialog_opt
-            lead = await session.get(LeadRow, dialog.lead_id)
-            assert lead is not None
-        token, source = await dialogs_repo.access_token_for(session, direction_row, self.cipher)
+            dialog = await session.get(DialogAnalysisRow, keys.dialog_id)
+            assert dialog is not None
+        lead = await session.get(LeadRow, dialog.lead_id)
+        assert lead is not None
         return DialogContext(
-            direction_row=direction_row,
-            direction=direction_from_row(direction_row),
+            direction_id=snapshot.direction_id,
+            direction=snapshot.direction,
             dialog=dialog,
             lead=lead,
-            access_token=token,
-            token_source=source,
+            access_token=snapshot.access_token,
+            token_source=snapshot.token_source,
+        )
+
+    async def _already_sent(self, session: Any, item: SendItem) -> SendReport | None:
+        """Every requested level is known to be sent: answer without reading the dialog."""
+        ref = item.ref
+        if ref.dialog_id is not None:
+            dialog_id = ref.dialog_id
+        else:
+            _, keys = await self.resolve_dialog(session, ref, create=True)
+            assert keys is not None
+            dialog_id = keys.dialog_id
+        known = self.cache.sent_levels(dialog_id)
+        if known is None:
+            return None
+        direction_id, sent = known
+        levels = item.level.with_lower()
+        if any(level not in sent for level in levels):
+            return None
+        snapshot = await self.cache.direction(session, direction_id=direction_id)
+        names = snapshot.direction.capi
+        return SendReport(
+            dialog_id=dialog_id,
+            outcomes=[
+                EventOutcome(
+                    level,
+                    names.event_name(level),
+                    SendOutcome.ALREADY_SENT,
+                    event_id=sent[level].event_id,
+                    reason="already sent",
+                    sent_at=sent[level].sent_at,
+                )
+                for level in levels
+            ],
         )
 
     # -- SendConversion -----------------------------------------------------------------
@@ -250,6 +288,11 @@ class SenderService:
                     event_time = item.options.event_time or now
                     self._check_event_time(event_time, now)
                     email = self._check_options(item.options)
+                    if not email and not item.options.dry_run:
+                        done = await self._already_sent(session, item)
+                        if done is not None:
+                            results.append(done)
+                            continue
                     ctx = await self.load_context(session, item.ref, create=True)
                     if email and ctx.lead.email != email:
                         ctx.lead.email = email
@@ -353,7 +396,7 @@ class SenderService:
         dry_run = options.dry_run or self.config.dry_run
         test_code = options.test_event_code or ctx.direction.capi.test_event_code
         common = {
-            "direction_id": ctx.direction_row.id,
+            "direction_id": ctx.direction_id,
             "dialog_id": ctx.dialog.id,
             "lead_id": ctx.lead.id,
             "pixel_id": ctx.direction.pixel_id,
@@ -435,7 +478,16 @@ class SenderService:
             )
             await session.flush()
             claimed.append(
-                ClaimedEvent(row.id, ctx.dialog.id, lvl, name, event_id, event_time, payload)
+                ClaimedEvent(
+                    row.id,
+                    ctx.dialog.id,
+                    lvl,
+                    name,
+                    event_id,
+                    event_time,
+                    payload,
+                    direction_id=ctx.direction_id,
+                )
             )
             report.outcomes.append(
                 EventOutcome(
@@ -455,6 +507,7 @@ class SenderService:
         event_id = getattr(dialog, f"capi_{level.column}_event_id") or ""
         sent_at = getattr(dialog, f"capi_{level.column}_sent_at")
         if getattr(dialog, f"capi_{level.column}_sent"):
+            self.cache.remember_sent(dialog.id, dialog.direction_id, level, event_id, sent_at)
             return EventOutcome(
                 level,
                 name,
@@ -629,6 +682,11 @@ class SenderService:
                     )
                 )
             await session.commit()
+        for event, result in results:
+            if isinstance(result, GraphSuccess) and event.direction_id is not None:
+                self.cache.remember_sent(
+                    event.dialog_id, event.direction_id, event.level, event.event_id, now
+                )
         metrics.observe_delivered(outcomes)
         return outcomes
 
@@ -726,6 +784,7 @@ class SenderService:
                     event_time=i.event_time or now,
                     payload=i.payload or {},
                     attempts=i.attempts,
+                    direction_id=i.direction_id,
                 )
                 for i in items
             ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from sqlalchemy.exc import IntegrityError
@@ -71,9 +72,17 @@ def _check_token(token: str | None, path: str) -> list[FieldViolation]:
 
 
 class SettingsService:
-    def __init__(self, db: Database, cipher: TokenCipher) -> None:
+    def __init__(
+        self, db: Database, cipher: TokenCipher, on_change: Callable[[], None] | None = None
+    ) -> None:
         self.db = db
         self.cipher = cipher
+        self._on_change = on_change
+
+    def changed(self) -> None:
+        """Settings were written: drop cached snapshots of them in this process."""
+        if self._on_change is not None:
+            self._on_change()
 
     # -- user accounts -----------------------------------------------------------------
 
@@ -93,6 +102,7 @@ class SettingsService:
             )
             session.add(row)
             await session.commit()
+            self.changed()
             return user_account_from_row(row)
 
     async def update_user_account(
@@ -118,6 +128,7 @@ class SettingsService:
             if "access_token" in paths:
                 row.access_token = repo.seal(access_token)
             await session.commit()
+            self.changed()
             return user_account_from_row(row)
 
     # -- ad accounts -------------------------------------------------------------------
@@ -136,6 +147,7 @@ class SettingsService:
             )
             session.add(row)
             await session.commit()
+            self.changed()
             return ad_account_from_row(row)
 
     async def update_ad_account(
@@ -154,6 +166,7 @@ class SettingsService:
             if "access_token" in paths:
                 row.access_token = repo.seal(access_token)
             await session.commit()
+            self.changed()
             return ad_account_from_row(row)
 
     # -- CRM connections ---------------------------------------------------------------
@@ -193,6 +206,7 @@ class SettingsService:
             )
             session.add(row)
             await session.commit()
+            self.changed()
             return crm_connection_from_row(row, self.cipher)
 
     async def update_crm_connection(
@@ -229,6 +243,7 @@ class SettingsService:
             if "reconcile_interval_seconds" in paths:
                 row.reconcile_interval_seconds = connection.reconcile_interval_seconds
             await session.commit()
+            self.changed()
             return crm_connection_from_row(row, self.cipher)
 
     # -- directions --------------------------------------------------------------------
@@ -288,6 +303,7 @@ class SettingsService:
                 direction.user_account_id, direction.pixel_id, row.id
             )
         await repo.session.commit()
+        self.changed()
         saved = direction_from_row(row)
         return SavedDirection(saved, direction_warnings(saved, shared))
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from sqlalchemy import select, update
 
 from capi_server.adapters.db import dialogs_repo
-from capi_server.adapters.db.database import Database
+from capi_server.adapters.db.database import Database, on_commit
 from capi_server.adapters.db.events_repo import db_text
 from capi_server.adapters.db.orm import (
     DialogAnalysisRow,
@@ -187,25 +187,37 @@ class WhatsAppService:
         direction_id: int | None,
         fallback_instance: str | None,
     ) -> IngestResult:
+        cache = self.sender.cache
         if direction_id is not None:
-            direction = await dialogs_repo.direction_by_id(session, direction_id)
+            snapshot = await cache.direction(session, direction_id=direction_id)
         else:
             instance = message.instance_name or fallback_instance
             if not instance:
                 raise InvalidArgument.field(
                     "instance_name", "the webhook names no instance; pass instance_name"
                 )
-            direction = await dialogs_repo.direction_by_instance(session, instance)
+            snapshot = await cache.direction(session, instance_name=instance)
+        phone: str | None = None
         if message.contact_phone:
-            region = await dialogs_repo.default_region(session, direction.user_account_id)
-            phone: str | None = normalize_contact(message.contact_phone, region)
-            key = phone or ""
+            phone = normalize_contact(message.contact_phone, snapshot.default_region)
+            key = phone
         else:
-            phone = None
             key = message.contact_key
-        assert key
         now = utcnow()
-        keys = await dialogs_repo.ensure_dialog(session, direction, key, phone, now=now)
+        cached_keys = cache.dialog_keys(snapshot.direction_id, key)
+        if cached_keys is None:
+            keys = await dialogs_repo.ensure_dialog(
+                session,
+                snapshot.direction_id,
+                snapshot.direction.instance_name,
+                key,
+                phone,
+                now=now,
+            )
+            created = keys
+            on_commit(session, lambda: cache.remember_dialog(key, created))
+        else:
+            keys = cached_keys
         if message.ctwa_clid:
             await dialogs_repo.set_lead_ctwa_clid(session, keys.lead_id, message.ctwa_clid)
         elif message.from_ad_without_click_id:
@@ -240,8 +252,11 @@ class WhatsAppService:
                 )
             )
         clid = (
-            await session.execute(select(LeadRow.ctwa_clid).where(LeadRow.id == keys.lead_id))
-        ).scalar_one_or_none()
+            message.ctwa_clid
+            or (
+                await session.execute(select(LeadRow.ctwa_clid).where(LeadRow.id == keys.lead_id))
+            ).scalar_one_or_none()
+        )
         return IngestResult(
             dialog_id=keys.dialog_id,
             lead_id=keys.lead_id,
@@ -254,9 +269,19 @@ class WhatsAppService:
 
     async def analyze(self, ref: DialogRef, *, dry_run: bool, force: bool) -> AnalysisResult:
         """Coalesces concurrent calls for one dialog into one analysis (one LLM call)."""
-        async with self.db.session() as session:
-            ctx = await self.sender.load_context(session, ref, create=False)
-        dialog_id = ctx.dialog.id
+        if ref.dialog_id is not None:
+            dialog_id = ref.dialog_id
+        else:
+            async with self.db.session() as session:
+                _, keys = await self.sender.resolve_dialog(session, ref, create=False)
+                await session.commit()
+            if keys is None:
+                raise NotFound(
+                    "no dialog for this instance and phone",
+                    reason="DIALOG_NOT_FOUND",
+                    metadata={"instance_name": ref.instance_name or ""},
+                )
+            dialog_id = keys.dialog_id
         running = self._inflight.get(dialog_id)
         if running is not None:
             return await asyncio.shield(running)
@@ -501,4 +526,5 @@ class WhatsAppService:
                 .values(qualification_prompt=db_text(generated.text), updated_at=utcnow())
             )
             await session.commit()
+        self.sender.cache.forget_directions()
         return generated

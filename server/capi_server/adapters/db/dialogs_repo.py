@@ -83,9 +83,23 @@ async def default_region(session: AsyncSession, user_account_id: int) -> str | N
     ).scalar_one_or_none()
 
 
+def _upsert(
+    session: AsyncSession, table: Table, values: dict[str, Any], conflict: list[str]
+) -> Any:
+    """INSERT ... ON CONFLICT DO UPDATE SET updated_at ... RETURNING id: one round trip
+    that creates the row or returns the existing one's id, race-free."""
+    dialect = session.bind.dialect.name if session.bind else "sqlite"
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(table).values(**values)
+    return stmt.on_conflict_do_update(
+        index_elements=conflict, set_={"updated_at": stmt.excluded.updated_at}
+    ).returning(table.c.id)
+
+
 async def ensure_dialog(
     session: AsyncSession,
-    direction: DirectionRow,
+    direction_id: int,
+    instance_name: str | None,
     contact_key: str,
     contact_phone: str | None,
     *,
@@ -93,54 +107,65 @@ async def ensure_dialog(
 ) -> DialogKeys:
     """The lead and dialog of (direction, contact), created when missing (race-safe)."""
     now = now or utcnow()
-    await insert_ignore(
-        session,
-        LeadRow.__table__,  # type: ignore[arg-type]
-        {
-            "direction_id": direction.id,
-            "contact_key": contact_key,
-            "contact_phone": contact_phone,
-            "from_ad_without_click_id": False,
-            "created_at": now,
-            "updated_at": now,
-        },
-        ["direction_id", "contact_key"],
-    )
     lead_id = (
         await session.execute(
-            select(LeadRow.id).where(
-                LeadRow.direction_id == direction.id, LeadRow.contact_key == contact_key
+            _upsert(
+                session,
+                LeadRow.__table__,  # type: ignore[arg-type]
+                {
+                    "direction_id": direction_id,
+                    "contact_key": contact_key,
+                    "contact_phone": contact_phone,
+                    "from_ad_without_click_id": False,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+                ["direction_id", "contact_key"],
             )
         )
     ).scalar_one()
-    await insert_ignore(
-        session,
-        DialogAnalysisRow.__table__,  # type: ignore[arg-type]
-        {
-            "lead_id": lead_id,
-            "direction_id": direction.id,
-            "instance_name": direction.instance_name,
-            "contact_phone": contact_phone or contact_key,
-            "capi_interest_sent": False,
-            "capi_qualified_sent": False,
-            "capi_scheduled_sent": False,
-            "client_message_count": 0,
-            "analyzed_client_message_count": 0,
-            "is_interested": False,
-            "is_qualified": False,
-            "is_scheduled": False,
-            "held_levels": {},
-            "created_at": now,
-            "updated_at": now,
-        },
-        ["lead_id"],
-    )
     dialog_id = (
         await session.execute(
-            select(DialogAnalysisRow.id).where(DialogAnalysisRow.lead_id == lead_id)
+            _upsert(
+                session,
+                DialogAnalysisRow.__table__,  # type: ignore[arg-type]
+                {
+                    "lead_id": lead_id,
+                    "direction_id": direction_id,
+                    "instance_name": instance_name,
+                    "contact_phone": contact_phone or contact_key,
+                    "capi_interest_sent": False,
+                    "capi_qualified_sent": False,
+                    "capi_scheduled_sent": False,
+                    "client_message_count": 0,
+                    "analyzed_client_message_count": 0,
+                    "is_interested": False,
+                    "is_qualified": False,
+                    "is_scheduled": False,
+                    "held_levels": {},
+                    "created_at": now,
+                    "updated_at": now,
+                },
+                ["lead_id"],
+            )
         )
     ).scalar_one()
-    return DialogKeys(dialog_id=dialog_id, lead_id=lead_id, direction_id=direction.id)
+    return DialogKeys(dialog_id=dialog_id, lead_id=lead_id, direction_id=direction_id)
+
+
+async def find_dialog(
+    session: AsyncSession, direction_id: int, contact_key: str
+) -> DialogKeys | None:
+    row = (
+        await session.execute(
+            select(DialogAnalysisRow.id, DialogAnalysisRow.lead_id)
+            .join(LeadRow, LeadRow.id == DialogAnalysisRow.lead_id)
+            .where(LeadRow.direction_id == direction_id, LeadRow.contact_key == contact_key)
+        )
+    ).first()
+    if row is None:
+        return None
+    return DialogKeys(dialog_id=row[0], lead_id=row[1], direction_id=direction_id)
 
 
 async def set_lead_ctwa_clid(session: AsyncSession, lead_id: int, ctwa_clid: str) -> None:
