@@ -86,6 +86,8 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
     )
     server = grpc.aio.server(
         interceptors=[interceptor],
+        # Refused in the transport before any Python runs: a burst cannot pile up calls.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),

@@ -411,7 +411,7 @@ class SenderService:
                 continue
             if skip is not None:
                 reason, hint = skip
-                row = events_repo.add_log_row(
+                log_id = await events_repo.insert_log_row(
                     session,
                     level=int(lvl),
                     event_name=name,
@@ -421,10 +421,9 @@ class SenderService:
                     event_time=event_time,
                     **common,
                 )
-                await session.flush()
                 report.outcomes.append(
                     EventOutcome(
-                        lvl, name, SendOutcome.SKIPPED, reason=reason, hint=hint, log_id=row.id
+                        lvl, name, SendOutcome.SKIPPED, reason=reason, hint=hint, log_id=log_id
                     )
                 )
                 continue
@@ -436,7 +435,7 @@ class SenderService:
                     "value" if options.value else "dialog_id", str(exc)
                 ) from None
             if dry_run:
-                row = events_repo.add_log_row(
+                log_id = await events_repo.insert_log_row(
                     session,
                     level=int(lvl),
                     event_name=name,
@@ -447,7 +446,6 @@ class SenderService:
                     event_time=event_time,
                     **common,
                 )
-                await session.flush()
                 report.outcomes.append(
                     EventOutcome(
                         lvl,
@@ -455,7 +453,7 @@ class SenderService:
                         SendOutcome.SKIPPED,
                         event_id=event_id,
                         reason=ev.REASON_DRY_RUN,
-                        log_id=row.id,
+                        log_id=log_id,
                     )
                 )
                 continue
@@ -464,7 +462,7 @@ class SenderService:
                 await session.refresh(ctx.dialog)
                 report.outcomes.append(await self.existing_outcome(session, ctx.dialog, lvl, name))
                 continue
-            row = events_repo.add_log_row(
+            log_id = await events_repo.insert_log_row(
                 session,
                 level=int(lvl),
                 event_name=name,
@@ -476,10 +474,9 @@ class SenderService:
                 locked_until=now + timedelta(seconds=self.config.lease_seconds),
                 **common,
             )
-            await session.flush()
             claimed.append(
                 ClaimedEvent(
-                    row.id,
+                    log_id,
                     ctx.dialog.id,
                     lvl,
                     name,
@@ -496,7 +493,7 @@ class SenderService:
                     SendOutcome.QUEUED,
                     event_id=event_id,
                     reason="claimed",
-                    log_id=row.id,
+                    log_id=log_id,
                 )
             )
         return report, claimed

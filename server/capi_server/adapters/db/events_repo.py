@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from capi_server.adapters.db.orm import CapiEventLogRow, DialogAnalysisRow, utcnow
@@ -42,6 +42,18 @@ def add_log_row(session: AsyncSession, **values: Any) -> CapiEventLogRow:
     row = CapiEventLogRow(created_at=now, updated_at=now, attempts=0, **values)
     session.add(row)
     return row
+
+
+async def insert_log_row(session: AsyncSession, **values: Any) -> int:
+    """One capi_events_log row by a Core INSERT ... RETURNING id (no ORM flush)."""
+    now = values.pop("now", None) or utcnow()
+    table = CapiEventLogRow.__table__
+    result = await session.execute(
+        insert(table)  # type: ignore[arg-type]
+        .values(created_at=now, updated_at=now, attempts=0, **values)
+        .returning(table.c.id)
+    )
+    return int(result.scalar_one())
 
 
 async def latest_log_row(

@@ -185,6 +185,8 @@ class CapiEventLogRow(Timestamps, Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index("ix_capi_events_log_direction_id_id", "direction_id", "id"),
+        # ListEvents filtered by status (errors are rare: without it a page scans many rows).
+        Index("ix_capi_events_log_direction_id_status_id", "direction_id", "status", "id"),
         Index("ix_capi_events_log_dialog_id_level", "dialog_id", "level"),
     )
 
