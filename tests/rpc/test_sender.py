@@ -470,3 +470,23 @@ async def test_lead_without_phone_needs_click_id(stubs: Stubs, graph: FakeGraph)
     assert again.events[1].outcome == res.SEND_OUTCOME_SKIPPED
     assert "ctwa_clid" in again.events[1].reason
     assert resp.events[0].outcome == res.SEND_OUTCOME_SENT
+
+
+async def test_concurrent_sends_for_one_pixel_share_graph_requests(
+    stubs: Stubs, graph: FakeGraph
+) -> None:
+    """While one Graph request is in flight, other calls' events queue and go out
+    together: fewer requests than events, every event sent once and recorded."""
+    setup = await whatsapp_direction(stubs)
+    graph.set_delay(0.2)
+    responses = await asyncio.gather(
+        *(send(stubs, setup, res.LEVEL_INTEREST, phone=f"+7703000{i:04d}") for i in range(20))
+    )
+    assert [r.events[0].outcome for r in responses] == [res.SEND_OUTCOME_SENT] * 20
+    events = graph.events()
+    assert len(events) == 20
+    assert len({e["event_id"] for e in events}) == 20
+    assert len(graph.posts()) < 20
+    for response in responses:
+        rows = await log_rows(stubs, response.dialog_id)
+        assert [r.status for r in rows] == ["success"]

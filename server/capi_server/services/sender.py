@@ -157,6 +157,10 @@ class SenderService:
         self.config = config
         self.cache = cache or HotCache(cipher, 0.0)
         self.clock = clock
+        self._outbox: dict[
+            tuple[str, str, str | None], list[tuple[ClaimedEvent, asyncio.Future[EventOutcome]]]
+        ] = {}
+        self._drainers: dict[tuple[str, str, str | None], asyncio.Task[None]] = {}
 
     # -- resolving a dialog -------------------------------------------------------------
 
@@ -312,14 +316,66 @@ class SenderService:
         metrics.observe_planned(o for r in results if isinstance(r, SendReport) for o in r.outcomes)
         if not batches:
             return results
-        delivered: list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]] = []
-        for (pixel_id, token, test_code), claimed in batches.items():
-            delivered += await self.deliver(claimed, pixel_id, token, test_code)
-        outcomes = {o.log_id: o for o in await self.record(delivered)}
+        groups = await asyncio.gather(
+            *(self._deliver_coalesced(key, claimed) for key, claimed in batches.items())
+        )
+        outcomes = {o.log_id: o for group in groups for o in group}
         for result in results:
             if isinstance(result, SendReport):
                 result.outcomes = [outcomes.get(o.log_id, o) for o in result.outcomes]
         return results
+
+    async def _deliver_coalesced(
+        self, key: tuple[str, str, str | None], events: Sequence[ClaimedEvent]
+    ) -> list[EventOutcome]:
+        """Deliver and record through one drainer per (pixel, token, test code).
+
+        Concurrent calls for the same pixel share Graph requests (up to 1,000 events) and
+        record transactions: while one request is in flight, the next calls' events queue
+        and go out together. The drainer is a task of its own, so a caller that gives up
+        (deadline) leaves its claimed events to be delivered and recorded all the same.
+        """
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[EventOutcome]] = []
+        queue = self._outbox.setdefault(key, [])
+        for event in events:
+            future: asyncio.Future[EventOutcome] = loop.create_future()
+            future.add_done_callback(_retrieve)
+            queue.append((event, future))
+            futures.append(future)
+        if key not in self._drainers:
+            self._drainers[key] = asyncio.create_task(self._drain(key))
+        return [await asyncio.shield(f) for f in futures]
+
+    async def _drain(self, key: tuple[str, str, str | None]) -> None:
+        pixel_id, token, test_code = key
+        try:
+            while queue := self._outbox.get(key):
+                batch = queue[:MAX_EVENTS_PER_REQUEST]
+                del queue[: len(batch)]
+                try:
+                    delivered = await self.deliver(
+                        [e for e, _ in batch], pixel_id, token, test_code
+                    )
+                    by_log = {o.log_id: o for o in await self.record(delivered)}
+                    for event, future in batch:
+                        if not future.done():
+                            future.set_result(by_log[event.log_id])
+                except Exception as exc:
+                    # The rows stay pending under their lease: the retry worker resends.
+                    log.exception("delivery failed", extra={"pixelId": pixel_id})
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+        finally:
+            # No await between the empty check and here: nothing can be queued unseen.
+            self._outbox.pop(key, None)
+            self._drainers.pop(key, None)
+
+    async def aclose(self) -> None:
+        """Wait for deliveries in progress (called at shutdown, before the HTTP client)."""
+        if self._drainers:
+            await asyncio.gather(*self._drainers.values(), return_exceptions=True)
 
     @staticmethod
     def _check_options(options: SendOptions) -> str | None:
@@ -832,6 +888,12 @@ class SenderService:
             )
             await session.commit()
         return count
+
+
+def _retrieve(future: asyncio.Future[EventOutcome]) -> None:
+    """Mark a failed delivery's exception as seen even when its caller has gone."""
+    if not future.cancelled():
+        future.exception()
 
 
 def normalize_contact(raw: str, region: str | None) -> str:
