@@ -300,12 +300,14 @@ class WhatsAppService:
 
     async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
         async with self.db.session() as session:
-            ctx = await self.sender.load_context(
-                session, DialogRef(dialog_id=dialog_id), create=False
-            )
-            dialog = ctx.dialog
+            # The dialog row and the (cached) direction are all the decision needs.
+            found = await session.get(DialogAnalysisRow, dialog_id)
+            if found is None:
+                raise NotFound(f"dialog {dialog_id} not found", reason="DIALOG_NOT_FOUND")
+            dialog = found
+            snapshot = await self.sender.cache.direction(session, direction_id=dialog.direction_id)
             result = AnalysisResult(dialog_id=dialog.id)
-            capi = ctx.direction.capi
+            capi = snapshot.direction.capi
             if not capi.enabled:
                 result.skipped_reason = "CAPI disabled for the direction"
                 return result
@@ -319,7 +321,7 @@ class WhatsAppService:
             rule = interest_reached(
                 [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
             )
-            prompt = ctx.direction.qualification_prompt
+            prompt = snapshot.direction.qualification_prompt
             nothing_new = dialog.client_message_count <= dialog.analyzed_client_message_count
             upper_sent = bool(dialog.capi_qualified_event_id and dialog.capi_scheduled_event_id)
             skip_llm = ""
