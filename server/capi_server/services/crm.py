@@ -45,6 +45,7 @@ from capi_server.adapters.crm import (
 )
 from capi_server.adapters.crm.amocrm import AMOCRM_RATE_PER_SECOND
 from capi_server.adapters.crm.bitrix24 import BITRIX24_BURST, BITRIX24_RATE_PER_SECOND
+from capi_server.adapters.crm.observed import ObservedCrmClient
 from capi_server.adapters.db import dialogs_repo, events_repo
 from capi_server.adapters.db.database import Database
 from capi_server.adapters.db.orm import CrmConnectionRow, DirectionRow, LeadRow, utcnow
@@ -382,6 +383,7 @@ class CrmService:
                 rate_limiter=self._limiter(connection),
                 retry=self.retry_policy,
             )
+        client = ObservedCrmClient(client, connection.crm_type.value)
         if cached is not None:
             # A call in flight may still use the old client: close it at shutdown.
             self._retired.append(cached[1])
