@@ -654,11 +654,17 @@ class SenderService:
         now = self.clock()
         outcomes: list[EventOutcome] = []
         async with self.db.session() as session:
+            # One Graph request's accepted events are recorded together.
+            accepted: dict[int, tuple[GraphSuccess, list[tuple[int, int, Level]]]] = {}
             for event, result in results:
                 if isinstance(result, GraphSuccess):
-                    await events_repo.mark_success(
-                        session, event.log_id, event.dialog_id, event.level, dict(result.raw), now
+                    accepted.setdefault(id(result), (result, []))[1].append(
+                        (event.log_id, event.dialog_id, event.level)
                     )
+            for success, items in accepted.values():
+                await events_repo.mark_success(session, items, dict(success.raw), now)
+            for event, result in results:
+                if isinstance(result, GraphSuccess):
                     outcomes.append(
                         EventOutcome(
                             event.level,

@@ -75,15 +75,17 @@ async def latest_log_row(
 
 async def mark_success(
     session: AsyncSession,
-    log_id: int,
-    dialog_id: int,
-    level: Level,
+    sent: Sequence[tuple[int, int, Level]],
     response: dict[str, Any],
     now: datetime,
 ) -> None:
+    """Record (log_id, dialog_id, level) items accepted by one Graph request: one UPDATE of
+    their log rows and one per level of their dialogs, however many events."""
+    if not sent:
+        return
     await session.execute(
         update(CapiEventLogRow)
-        .where(CapiEventLogRow.id == log_id)
+        .where(CapiEventLogRow.id.in_([log_id for log_id, _, _ in sent]))
         .values(
             status=EventStatus.SUCCESS.value,
             facebook_response=response,
@@ -98,18 +100,22 @@ async def mark_success(
         )
         .execution_options(synchronize_session=False)
     )
-    await session.execute(
-        update(DialogAnalysisRow)
-        .where(DialogAnalysisRow.id == dialog_id)
-        .values(
-            {
-                getattr(DialogAnalysisRow, f"capi_{level.column}_sent"): True,
-                getattr(DialogAnalysisRow, f"capi_{level.column}_sent_at"): now,
-                DialogAnalysisRow.updated_at: now,
-            }
+    for level in Level:
+        dialog_ids = [dialog_id for _, dialog_id, lvl in sent if lvl is level]
+        if not dialog_ids:
+            continue
+        await session.execute(
+            update(DialogAnalysisRow)
+            .where(DialogAnalysisRow.id.in_(dialog_ids))
+            .values(
+                {
+                    getattr(DialogAnalysisRow, f"capi_{level.column}_sent"): True,
+                    getattr(DialogAnalysisRow, f"capi_{level.column}_sent_at"): now,
+                    DialogAnalysisRow.updated_at: now,
+                }
+            )
+            .execution_options(synchronize_session=False)
         )
-        .execution_options(synchronize_session=False)
-    )
 
 
 async def mark_failure(
