@@ -490,3 +490,39 @@ async def test_concurrent_sends_for_one_pixel_share_graph_requests(
     for response in responses:
         rows = await log_rows(stubs, response.dialog_id)
         assert [r.status for r in rows] == ["success"]
+
+
+async def test_request_wide_errors_are_not_split(stubs: Stubs, graph: FakeGraph) -> None:
+    """A pixel Meta cannot find fails every event alike: one request, not a bisection."""
+    setup = await whatsapp_direction(stubs)
+    graph.set_handler(lambda request: FakeResponse(503, {"error": {"message": "down", "code": 2}}))
+    for i in range(6):
+        await send(stubs, setup, res.LEVEL_INTEREST, phone=f"+7704000000{i}")
+    graph.set_handler(
+        lambda request: FakeResponse(400, error_fixture("object_does_not_exist_or_no_permission"))
+    )
+    graph.clear()
+    await stubs.app.sender.process_due()
+    assert len(graph.posts()) == 1
+    listed = await stubs.sender.ListEvents(
+        pb.ListEventsRequest(direction_id=setup.direction_id, status=res.EVENT_STATUS_ERROR)
+    )
+    assert len(listed.events) == 6
+    assert all(e.error_code == 100 for e in listed.events)
+
+
+async def test_dry_run_worker_sends_nothing(stubs: Stubs, graph: FakeGraph) -> None:
+    """CAPI_DRY_RUN never calls Meta, queued rows included."""
+    setup = await whatsapp_direction(stubs)
+    graph.fail_next(503)
+    queued = await send(stubs, setup, res.LEVEL_INTEREST)
+    assert queued.events[0].outcome == res.SEND_OUTCOME_QUEUED
+    graph.clear()
+    stubs.app.sender.config.dry_run = True
+    try:
+        assert await stubs.app.sender.process_due() == 0
+    finally:
+        stubs.app.sender.config.dry_run = False
+    assert graph.posts() == []
+    assert await stubs.app.sender.process_due() == 1
+    assert len(graph.posts()) == 1

@@ -364,3 +364,20 @@ async def test_generate_qualification_prompt_is_stored(stubs: Stubs, llm: FakeOp
 
 def test_fixture_dir_exists() -> None:
     assert Path(shared_fixtures_dir(), "evolution").is_dir()
+
+
+async def test_dry_run_analysis_does_not_swallow_a_real_one(
+    stubs: Stubs, graph: FakeGraph, llm: FakeOpenAi
+) -> None:
+    """Concurrent calls share an analysis only when their options match."""
+    setup = await whatsapp_direction(stubs, prompt=PROMPT)
+    await ingest(stubs, setup, "m1", "a")
+    resp = await ingest(stubs, setup, "m2", "b")
+    llm.reply_with(ScriptedReply.verdict(interested=True, delay=0.2))
+    dry, real = await asyncio.gather(
+        analyze(stubs, resp.dialog_id, dry_run=True), analyze(stubs, resp.dialog_id)
+    )
+    # The dry run never sends itself (it may see the real call's claim as queued).
+    assert dry.events[0].outcome != res.SEND_OUTCOME_SENT
+    assert real.events[0].outcome == res.SEND_OUTCOME_SENT
+    assert [e["event_name"] for e in graph.events()] == ["Lead"]

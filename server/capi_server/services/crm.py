@@ -49,7 +49,7 @@ from capi_server.adapters.crm.observed import ObservedCrmClient
 from capi_server.adapters.db import dialogs_repo, events_repo
 from capi_server.adapters.db.database import Database
 from capi_server.adapters.db.orm import CrmConnectionRow, DirectionRow, LeadRow, utcnow
-from capi_server.adapters.db.secrets import TokenCipher
+from capi_server.adapters.db.secrets import TokenCipher, UndecryptableSecret
 from capi_server.adapters.db.settings_repo import direction_from_row
 from capi_server.config import Settings
 from capi_server.domain import events as ev
@@ -332,6 +332,17 @@ class CrmService:
     # -- clients --------------------------------------------------------------------------
 
     def _connection_info(self, row: CrmConnectionRow) -> CrmConnectionInfo:
+        try:
+            return self._open_connection(row)
+        except UndecryptableSecret:
+            raise FailedPrecondition(
+                f"the secrets of CRM connection {row.id} cannot be decrypted with "
+                "CAPI_ENCRYPTION_KEYS: put the key back, or set them again",
+                reason="CRM_SECRET_UNDECRYPTABLE",
+                metadata={"crm_connection_id": str(row.id)},
+            ) from None
+
+    def _open_connection(self, row: CrmConnectionRow) -> CrmConnectionInfo:
         return CrmConnectionInfo(
             id=row.id,
             user_account_id=row.user_account_id,
@@ -694,6 +705,11 @@ class CrmService:
                     if failure is None:
                         try:
                             entity = await self.client_for(connection).get_entity(kind, entity_id)
+                        except DomainError as exc:
+                            # A connection that cannot be used (no token) fails its own
+                            # entities only, as an auth error would.
+                            failure = CrmError(exc.message, "auth")
+                            auth_failures[connection.id] = failure
                         except CrmError as exc:
                             failure = exc
                             if exc.kind == "auth":

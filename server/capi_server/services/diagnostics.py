@@ -47,6 +47,7 @@ from capi_server.domain.crm import (
     normalise_text,
 )
 from capi_server.domain.directions import PIXEL_WARNING, CapiSource, Direction
+from capi_server.domain.errors import DomainError
 from capi_server.domain.events import EventStatus
 from capi_server.domain.levels import BUSINESS_MESSAGING_EVENT_NAMES, Level, event_name_warning
 
@@ -326,7 +327,7 @@ class DiagnosticsService:
     ) -> tuple[Finding, str | None]:
         try:
             token, source = await dialogs_repo.access_token_for(session, row, self.cipher)
-        except ValueError as exc:
+        except (ValueError, DomainError) as exc:
             return (
                 Finding(
                     "access_token",

@@ -23,6 +23,7 @@ from capi_server.adapters.db.dialogs_repo import DialogKeys
 from capi_server.adapters.db.secrets import TokenCipher
 from capi_server.adapters.db.settings_repo import direction_from_row
 from capi_server.domain.directions import Direction
+from capi_server.domain.errors import DomainError, FailedPrecondition
 from capi_server.domain.levels import Level
 
 K = TypeVar("K")
@@ -36,6 +37,9 @@ class DirectionSnapshot:
     default_region: str | None
     access_token: str | None
     token_source: str
+    # The stored token exists but cannot be decrypted: sending fails with this error,
+    # while ingestion and analysis, which need no token, go on.
+    token_error: DomainError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +111,14 @@ class HotCache:
             assert instance_name is not None
             row = await dialogs_repo.direction_by_instance(session, instance_name)
         region = await dialogs_repo.default_region(session, row.user_account_id)
-        token, source = await dialogs_repo.access_token_for(session, row, self.cipher)
-        snapshot = DirectionSnapshot(direction_from_row(row), row.id, region, token, source)
+        token_error: DomainError | None = None
+        try:
+            token, source = await dialogs_repo.access_token_for(session, row, self.cipher)
+        except FailedPrecondition as exc:
+            token, source, token_error = None, "undecryptable", exc
+        snapshot = DirectionSnapshot(
+            direction_from_row(row), row.id, region, token, source, token_error
+        )
         if self.ttl > 0:
             expires = now + self.ttl
             self._directions[row.id] = (expires, snapshot)

@@ -101,6 +101,7 @@ class DialogContext:
     lead: LeadRow
     access_token: str | None
     token_source: str
+    token_error: DomainError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +224,7 @@ class SenderService:
             lead=lead,
             access_token=snapshot.access_token,
             token_source=snapshot.token_source,
+            token_error=snapshot.token_error,
         )
 
     async def _already_sent(self, session: Any, item: SendItem) -> SendReport | None:
@@ -298,6 +300,8 @@ class SenderService:
                             results.append(done)
                             continue
                     ctx = await self.load_context(session, item.ref, create=True)
+                    if ctx.token_error is not None and ctx.direction.capi.enabled:
+                        raise ctx.token_error
                     if email and ctx.lead.email != email:
                         ctx.lead.email = email
                     report, claimed = await self._plan(
@@ -317,9 +321,26 @@ class SenderService:
         if not batches:
             return results
         groups = await asyncio.gather(
-            *(self._deliver_coalesced(key, claimed) for key, claimed in batches.items())
+            *(self._deliver_coalesced(key, claimed) for key, claimed in batches.items()),
+            return_exceptions=True,
         )
-        outcomes = {o.log_id: o for group in groups for o in group}
+        outcomes: dict[int | None, EventOutcome] = {}
+        for claimed, group in zip(batches.values(), groups, strict=True):
+            if isinstance(group, BaseException):
+                if not isinstance(group, Exception):
+                    raise group
+                # Claimed and committed: the rows stay pending and the worker resends them.
+                for event in claimed:
+                    outcomes[event.log_id] = EventOutcome(
+                        event.level,
+                        event.event_name,
+                        SendOutcome.QUEUED,
+                        event_id=event.event_id,
+                        reason="delivery not confirmed; the retry worker resends it",
+                        log_id=event.log_id,
+                    )
+                continue
+            outcomes.update((o.log_id, o) for o in group)
         for result in results:
             if isinstance(result, SendReport):
                 result.outcomes = [outcomes.get(o.log_id, o) for o in result.outcomes]
@@ -617,36 +638,45 @@ class SenderService:
         """
         results: list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]] = []
         for start in range(0, len(events), MAX_EVENTS_PER_REQUEST):
+            budget = [SPLIT_REQUEST_BUDGET]
             results += await self._deliver_batch(
                 list(events[start : start + MAX_EVENTS_PER_REQUEST]),
                 pixel_id,
                 token,
                 test_event_code,
+                budget,
             )
         return results
 
     async def _deliver_batch(
-        self, batch: list[ClaimedEvent], pixel_id: str, token: str, test_event_code: str | None
+        self,
+        batch: list[ClaimedEvent],
+        pixel_id: str,
+        token: str,
+        test_event_code: str | None,
+        budget: list[int],
     ) -> list[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]]:
         body = build_request_body(
             [e.payload for e in batch],
             test_event_code=test_event_code,
             partner_agent=self.config.partner_agent,
         )
+        budget[0] -= 1
         result = await self.graph.send_events(pixel_id, token, body)
-        if isinstance(result, GraphSuccess) or result.is_transient or len(batch) == 1:
-            return [(e, result) for e in batch]
         if (
-            result.code == 190
-            or (result.code is not None and result.code in (10,))
-            or (result.code is not None and 200 <= result.code <= 299)
+            isinstance(result, GraphSuccess)
+            or result.is_transient
+            or len(batch) == 1
+            or not is_per_event_error(result)
+            or budget[0] <= 0
         ):
-            # Token or permission problems fail every event alike: no point in splitting.
+            # Request-wide errors (token, permissions, pixel, event name) fail every event
+            # alike, and the request budget bounds the search: no further splitting.
             return [(e, result) for e in batch]
         middle = len(batch) // 2
-        return await self._deliver_batch(
-            batch[:middle], pixel_id, token, test_event_code
-        ) + await self._deliver_batch(batch[middle:], pixel_id, token, test_event_code)
+        left = await self._deliver_batch(batch[:middle], pixel_id, token, test_event_code, budget)
+        right = await self._deliver_batch(batch[middle:], pixel_id, token, test_event_code, budget)
+        return left + right
 
     async def record(
         self, results: Sequence[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]]
@@ -753,6 +783,9 @@ class SenderService:
 
     async def process_due(self) -> int:
         """One pass of the retry worker; returns how many events it handled."""
+        if self.config.dry_run:
+            # Dry run never calls Meta, queued rows included (a copy of production data).
+            return 0
         now = self.clock()
         lease = timedelta(seconds=self.config.lease_seconds)
         async with self.db.session() as session:
@@ -894,6 +927,24 @@ class SenderService:
             )
             await session.commit()
         return count
+
+
+# Requests one delivery may make while isolating rejected events (about 2 log2(n) for a
+# single bad event among 1,000).
+SPLIT_REQUEST_BUDGET = 64
+# Subcodes that reject the whole request whatever its events: splitting cannot help.
+_REQUEST_WIDE_SUBCODES = frozenset({33, 2804066})
+
+
+def is_per_event_error(error: MetaGraphError) -> bool:
+    """A permanent error caused by some event's data (Meta's 2804xxx subcodes), which
+    splitting the batch can isolate; token, permission and pixel errors are not."""
+    subcode = error.error_subcode or 0
+    return (
+        error.code == 100
+        and 2_804_000 <= subcode < 2_805_000
+        and subcode not in _REQUEST_WIDE_SUBCODES
+    )
 
 
 def _retrieve(future: asyncio.Future[EventOutcome]) -> None:

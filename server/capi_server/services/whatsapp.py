@@ -118,7 +118,7 @@ class WhatsAppService:
         self.llm = llm
         self.dry_run = dry_run
         # One LLM analysis per dialog at a time: later callers share the running one.
-        self._inflight: dict[int, asyncio.Future[AnalysisResult]] = {}
+        self._inflight: dict[tuple[int, bool, bool], asyncio.Task[AnalysisResult]] = {}
 
     # -- IngestMessage ------------------------------------------------------------------
 
@@ -282,21 +282,20 @@ class WhatsAppService:
                     metadata={"instance_name": ref.instance_name or ""},
                 )
             dialog_id = keys.dialog_id
-        running = self._inflight.get(dialog_id)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[AnalysisResult] = asyncio.get_running_loop().create_future()
-        self._inflight[dialog_id] = future
-        try:
-            result = await self._analyze(dialog_id, dry_run=dry_run, force=force)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: later callers re-raise it themselves
-            raise
-        finally:
-            self._inflight.pop(dialog_id, None)
-        future.set_result(result)
-        return result
+        key = (dialog_id, dry_run, force)
+        running = self._inflight.get(key)
+        if running is None:
+            # Its own task: a caller that gives up (deadline) does not cancel the analysis
+            # for the others that joined it.
+            running = asyncio.create_task(self._analyze(dialog_id, dry_run=dry_run, force=force))
+            self._inflight[key] = running
+            running.add_done_callback(lambda task: self._finished(key, task))
+        return await asyncio.shield(running)
+
+    def _finished(self, key: tuple[int, bool, bool], task: asyncio.Task[AnalysisResult]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # seen, even when every caller has gone
 
     async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
         async with self.db.session() as session:

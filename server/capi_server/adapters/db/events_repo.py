@@ -134,7 +134,11 @@ async def mark_failure(
 ) -> None:
     await session.execute(
         update(CapiEventLogRow)
-        .where(CapiEventLogRow.id == log_id)
+        .where(
+            CapiEventLogRow.id == log_id,
+            # A late failure never overwrites an outcome another sender already recorded.
+            CapiEventLogRow.status == EventStatus.PENDING.value,
+        )
         .values(
             status=status.value,
             attempts=CapiEventLogRow.attempts + (1 if count_attempt else 0),
@@ -222,6 +226,11 @@ async def requeue(
     if status not in (EventStatus.ERROR, EventStatus.PENDING):
         return 0
     conditions = [CapiEventLogRow.status == status.value, CapiEventLogRow.event_id.is_not(None)]
+    if status is EventStatus.PENDING:
+        # A row a sender holds right now is not taken from it.
+        conditions.append(
+            or_(CapiEventLogRow.locked_until.is_(None), CapiEventLogRow.locked_until < now)
+        )
     if log_ids:
         conditions.append(CapiEventLogRow.id.in_(list(log_ids)))
     if direction_id is not None:
