@@ -141,6 +141,11 @@ def test_reconciled_mark() -> None:
     # A listing cut at the limit covers only up to its newest entity.
     mark = service._reconciled_mark(started, [ok], {EntityType.DEAL})
     assert mark == datetime.fromtimestamp(int(started.timestamp()) - 101, UTC)
+    # An entity edited during the run (live time after `started`) must not move the mark
+    # past entities the listing cut off.
+    edited = EntityCheck("deal", "4", updated_at_unix=int(started.timestamp()) + 30)
+    mark = service._reconciled_mark(started, [ok, edited], {EntityType.DEAL})
+    assert mark == datetime.fromtimestamp(int(started.timestamp()) - 101, UTC)
 
 
 def test_reconcile_kinds() -> None:

@@ -913,12 +913,18 @@ class CrmService:
         if any(c.error and c.error_kind not in ("not_found",) for c in checks):
             return None
         mark = started
+        started_unix = int(started.timestamp())
         for kind in truncated:
+            # Values read live: an entity edited during this run carries a time after
+            # `started` and would jump the mark past entities the listing cut off; it is
+            # left out (the next run sees it anyway, it changed after the mark).
             newest = max(
                 (
                     c.updated_at_unix
                     for c in checks
-                    if c.entity_type == kind.value and c.updated_at_unix is not None
+                    if c.entity_type == kind.value
+                    and c.updated_at_unix is not None
+                    and c.updated_at_unix < started_unix
                 ),
                 default=None,
             )
