@@ -526,3 +526,16 @@ async def test_dry_run_worker_sends_nothing(stubs: Stubs, graph: FakeGraph) -> N
     assert graph.posts() == []
     assert await stubs.app.sender.process_due() == 1
     assert len(graph.posts()) == 1
+
+
+async def test_fewer_events_received_than_sent_is_retried(stubs: Stubs, graph: FakeGraph) -> None:
+    """A 200 that counts fewer events than were sent records none as sent."""
+    setup = await whatsapp_direction(stubs)
+    graph.script([FakeResponse(200, {"events_received": 0, "fbtrace_id": "x"})])
+    resp = await send(stubs, setup, res.LEVEL_INTEREST)
+    assert resp.events[0].outcome == res.SEND_OUTCOME_QUEUED
+    assert "received 0 of 1" in resp.events[0].reason
+    assert await stubs.app.sender.process_due() == 1
+    ids = [e["event_id"] for e in graph.events()]
+    assert ids == [resp.events[0].event_id] * 2
+    assert [r.status for r in await log_rows(stubs, resp.dialog_id)] == ["success"]

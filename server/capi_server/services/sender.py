@@ -34,7 +34,7 @@ from capi_server.adapters.db.orm import (
     utcnow,
 )
 from capi_server.adapters.db.secrets import TokenCipher
-from capi_server.adapters.meta_graph import GraphSuccess, MetaGraphError
+from capi_server.adapters.meta_graph import GraphFailureKind, GraphSuccess, MetaGraphError
 from capi_server.domain import events as ev
 from capi_server.domain.directions import TEST_EVENT_CODE, Direction
 from capi_server.domain.errors import DomainError, InvalidArgument, NotFound
@@ -663,6 +663,24 @@ class SenderService:
         )
         budget[0] -= 1
         result = await self.graph.send_events(pixel_id, token, body)
+        if isinstance(result, GraphSuccess) and result.events_received < len(batch):
+            # Meta took fewer events than sent: none is recorded as sent; the retry worker
+            # resends them all with their event_ids, which Meta deduplicates.
+            result = MetaGraphError(
+                message=f"Meta received {result.events_received} of {len(batch)} events",
+                type=None,
+                code=None,
+                error_subcode=None,
+                error_user_msg=None,
+                error_user_title=None,
+                fbtrace_id=result.fbtrace_id,
+                is_transient=True,
+                http_status=200,
+                hint=None,
+                raw_excerpt="",
+                elapsed_seconds=result.elapsed_seconds,
+                kind=GraphFailureKind.MALFORMED_BODY,
+            )
         if (
             isinstance(result, GraphSuccess)
             or result.is_transient
