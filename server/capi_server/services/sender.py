@@ -180,20 +180,37 @@ class SenderService:
         if not ref.contact_phone:
             raise InvalidArgument.field("contact_phone", "is required with instance_name")
         phone = normalize_contact(ref.contact_phone, snapshot.default_region)
-        keys = self.cache.dialog_keys(snapshot.direction_id, phone)
-        if keys is None:
-            keys = await dialogs_repo.find_dialog(session, snapshot.direction_id, phone)
-            if keys is None and create:
-                keys = await dialogs_repo.ensure_dialog(
-                    session, snapshot.direction_id, snapshot.direction.instance_name, phone, phone
-                )
-            if keys is not None:
-                found = keys
-                # Remembered once committed: this transaction may have created the rows,
-                # and a rollback (or another transaction not seeing them yet) must not
-                # meet cached ids.
-                on_commit(session, lambda: self.cache.remember_dialog(phone, found))
+        keys = await self.dialog_keys(session, snapshot, phone, phone, create=create)
         return snapshot, keys
+
+    async def dialog_keys(
+        self,
+        session: Any,
+        snapshot: DirectionSnapshot,
+        contact_key: str,
+        contact_phone: str | None,
+        *,
+        create: bool,
+    ) -> DialogKeys | None:
+        """A contact's lead and dialog ids: cached, else read, else (with `create`) made."""
+        keys = self.cache.dialog_keys(snapshot.direction_id, contact_key)
+        if keys is not None:
+            return keys
+        keys = await dialogs_repo.find_dialog(session, snapshot.direction_id, contact_key)
+        if keys is None and create:
+            keys = await dialogs_repo.ensure_dialog(
+                session,
+                snapshot.direction_id,
+                snapshot.direction.instance_name,
+                contact_key,
+                contact_phone,
+            )
+        if keys is not None:
+            found = keys
+            # Remembered once committed: this transaction may have created the rows, and a
+            # rollback (or another transaction not seeing them yet) must not meet cached ids.
+            on_commit(session, lambda: self.cache.remember_dialog(contact_key, found))
+        return keys
 
     async def load_context(self, session: Any, ref: DialogRef, *, create: bool) -> DialogContext:
         if ref.dialog_id is not None:
@@ -227,20 +244,13 @@ class SenderService:
             token_error=snapshot.token_error,
         )
 
-    async def _already_sent(self, session: Any, item: SendItem) -> SendReport | None:
+    async def _already_sent(self, session: Any, dialog_id: int, level: Level) -> SendReport | None:
         """Every requested level is known to be sent: answer without reading the dialog."""
-        ref = item.ref
-        if ref.dialog_id is not None:
-            dialog_id = ref.dialog_id
-        else:
-            _, keys = await self.resolve_dialog(session, ref, create=True)
-            assert keys is not None
-            dialog_id = keys.dialog_id
         known = self.cache.sent_levels(dialog_id)
         if known is None:
             return None
         direction_id, sent = known
-        levels = item.level.with_lower()
+        levels = level.with_lower()
         if any(level not in sent for level in levels):
             return None
         snapshot = await self.cache.direction(session, direction_id=direction_id)
@@ -294,12 +304,19 @@ class SenderService:
                     event_time = item.options.event_time or now
                     self._check_event_time(event_time, now)
                     email = self._check_options(item.options)
+                    ref = item.ref
+                    if ref.dialog_id is None:
+                        # Resolved (and created) once; the rest goes by id.
+                        _, keys = await self.resolve_dialog(session, ref, create=True)
+                        assert keys is not None
+                        ref = DialogRef(dialog_id=keys.dialog_id)
+                    assert ref.dialog_id is not None
                     if not email and not item.options.dry_run:
-                        done = await self._already_sent(session, item)
+                        done = await self._already_sent(session, ref.dialog_id, item.level)
                         if done is not None:
                             results.append(done)
                             continue
-                    ctx = await self.load_context(session, item.ref, create=True)
+                    ctx = await self.load_context(session, ref, create=True)
                     if ctx.token_error is not None and ctx.direction.capi.enabled:
                         raise ctx.token_error
                     if email and ctx.lead.email != email:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from sqlalchemy import select, update
 
 from capi_server.adapters.db import dialogs_repo
-from capi_server.adapters.db.database import Database, on_commit
+from capi_server.adapters.db.database import Database
 from capi_server.adapters.db.events_repo import db_text
 from capi_server.adapters.db.orm import (
     DialogAnalysisRow,
@@ -204,20 +204,8 @@ class WhatsAppService:
         else:
             key = message.contact_key
         now = utcnow()
-        cached_keys = cache.dialog_keys(snapshot.direction_id, key)
-        if cached_keys is None:
-            keys = await dialogs_repo.ensure_dialog(
-                session,
-                snapshot.direction_id,
-                snapshot.direction.instance_name,
-                key,
-                phone,
-                now=now,
-            )
-            created = keys
-            on_commit(session, lambda: cache.remember_dialog(key, created))
-        else:
-            keys = cached_keys
+        keys = await self.sender.dialog_keys(session, snapshot, key, phone, create=True)
+        assert keys is not None
         if message.ctwa_clid:
             await dialogs_repo.set_lead_ctwa_clid(session, keys.lead_id, message.ctwa_clid)
         elif message.from_ad_without_click_id:
