@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import update
 
 from capi.v1 import resources_pb2 as res
 from capi.v1 import settings_service_pb2 as pb
+from capi_server.adapters.db.orm import CapiEventLogRow
 from tests.conftest import Stubs, unique
 
 USER_TOKEN = "EAAB-user-token-secret"
@@ -72,3 +78,40 @@ async def whatsapp_direction(
         )
     )
     return DirectionSetup(account_id, created.direction.id, instance, pixel_id)
+
+
+async def close_pending(stubs: Stubs, direction_id: str) -> None:
+    """The database is shared by the run: leave no pending row for other tests' retry passes."""
+    async with stubs.app.db.session() as session:
+        await session.execute(
+            update(CapiEventLogRow)
+            .where(
+                CapiEventLogRow.direction_id == int(direction_id),
+                CapiEventLogRow.status == "pending",
+            )
+            .values(status="error", next_attempt_at=None)
+        )
+        await session.commit()
+
+
+@asynccontextmanager
+async def pending_event(
+    stubs: Stubs, direction_id: str, *, event_name: str, attempts: int, hours_ago: float
+) -> AsyncIterator[None]:
+    """A pending capi_events_log row created `hours_ago`, closed again on exit."""
+    async with stubs.app.db.session() as session:
+        session.add(
+            CapiEventLogRow(
+                direction_id=int(direction_id),
+                level=1,
+                event_name=event_name,
+                status="pending",
+                attempts=attempts,
+                created_at=datetime.now(UTC) - timedelta(hours=hours_ago),
+            )
+        )
+        await session.commit()
+    try:
+        yield
+    finally:
+        await close_pending(stubs, direction_id)

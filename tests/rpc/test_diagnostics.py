@@ -19,7 +19,14 @@ from capi.v1 import resources_pb2 as res
 from capi.v1 import settings_service_pb2 as spb
 from capi_server.adapters.db.orm import CapiEventLogRow, DirectionRow
 from capi_server.domain import events as ev
-from tests.builders import AD_TOKEN, USER_TOKEN, DirectionSetup, whatsapp_direction
+from tests.builders import (
+    AD_TOKEN,
+    USER_TOKEN,
+    DirectionSetup,
+    close_pending,
+    pending_event,
+    whatsapp_direction,
+)
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs, unique
 from tests.fakes.crm import FakeAmoCrm
 from tests.fakes.graph import FakeGraph
@@ -88,20 +95,6 @@ async def set_ctwa_clid(stubs: Stubs, dialog_id: str, clid: str) -> None:
                 "(SELECT lead_id FROM dialog_analysis WHERE id = :d)"
             ),
             {"clid": clid, "d": int(dialog_id)},
-        )
-        await session.commit()
-
-
-async def close_pending(stubs: Stubs, direction_id: str) -> None:
-    """The database is shared by the run: leave no pending row for other tests' retry passes."""
-    async with stubs.app.db.session() as session:
-        await session.execute(
-            update(CapiEventLogRow)
-            .where(
-                CapiEventLogRow.direction_id == int(direction_id),
-                CapiEventLogRow.status == "pending",
-            )
-            .values(status="error", next_attempt_at=None)
         )
         await session.commit()
 
@@ -304,22 +297,10 @@ async def test_leads_from_ads_without_click_id_are_counted(stubs: Stubs) -> None
 
 async def test_old_pending_event_warns_with_its_age(stubs: Stubs) -> None:
     setup = await healthy_direction(stubs)
-    async with stubs.app.db.session() as session:
-        session.add(
-            CapiEventLogRow(
-                direction_id=int(setup.direction_id),
-                level=1,
-                event_name="LeadSubmitted",
-                status="pending",
-                attempts=3,
-                created_at=datetime.now(UTC) - timedelta(hours=3),
-            )
-        )
-        await session.commit()
-    try:
+    async with pending_event(
+        stubs, setup.direction_id, event_name="LeadSubmitted", attempts=3, hours_ago=3
+    ):
         finding = (await diagnose(stubs, setup.direction_id))["pending"]
-    finally:
-        await close_pending(stubs, setup.direction_id)
     assert finding.status == WARN
     assert "oldest for 3 h" in finding.detail
     assert "retry worker" in finding.fix

@@ -9,26 +9,23 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
 
 from capi.v1 import capi_sender_service_pb2 as pb
 from capi.v1 import capi_sender_service_pb2_grpc as pb_grpc
 from capi.v1 import resources_pb2 as res
 from capi_server.adapters import metrics
-from capi_server.adapters.db.orm import CapiEventLogRow
 from capi_server.adapters.llm import LlmUnavailable, OpenAiQualificationLlm
 from capi_server.domain.qualification import DialogMessage
 from capi_server.logs import ContextFilter, JsonFormatter
 from capi_server.rpc.interceptors import ServerInterceptor
 from capi_server.rpc.sender_servicer import SenderServicer
-from tests.builders import AD_TOKEN, whatsapp_direction
+from tests.builders import AD_TOKEN, pending_event, whatsapp_direction
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs
 from tests.fakes.graph import FakeGraph
 from tests.fakes.openai_server import FakeOpenAi, ScriptedReply
@@ -145,29 +142,8 @@ async def test_failed_events_and_rpc_errors_are_counted_by_code(
 
 async def test_retry_queue_gauges_are_read_at_scrape_time(stubs: Stubs) -> None:
     setup = await whatsapp_direction(stubs)
-    async with stubs.app.db.session() as session:
-        session.add(
-            CapiEventLogRow(
-                direction_id=int(setup.direction_id),
-                level=1,
-                event_name="Lead",
-                status="pending",
-                attempts=1,
-                created_at=datetime.now(UTC) - timedelta(hours=2),
-            )
-        )
-        await session.commit()
-    try:
+    async with pending_event(stubs, setup.direction_id, event_name="Lead", attempts=1, hours_ago=2):
         samples = await scrape(stubs)
-    finally:
-        async with stubs.app.db.session() as session:
-            # The database is shared by the run: leave no pending row for other tests.
-            await session.execute(
-                update(CapiEventLogRow)
-                .where(CapiEventLogRow.direction_id == int(setup.direction_id))
-                .values(status="error")
-            )
-            await session.commit()
     # The database is shared by the tests of a run: at least this row is pending.
     assert value(samples, "capi_retry_queue_depth") >= 1
     assert value(samples, "capi_retry_queue_oldest_pending_age_seconds") >= 7200
