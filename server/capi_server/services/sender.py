@@ -193,24 +193,50 @@ class SenderService:
         create: bool,
     ) -> DialogKeys | None:
         """A contact's lead and dialog ids: cached, else read, else (with `create`) made."""
-        keys = self.cache.dialog_keys(snapshot.direction_id, contact_key)
-        if keys is not None:
-            return keys
-        keys = await dialogs_repo.find_dialog(session, snapshot.direction_id, contact_key)
-        if keys is None and create:
-            keys = await dialogs_repo.ensure_dialog(
-                session,
-                snapshot.direction_id,
-                snapshot.direction.instance_name,
-                contact_key,
-                contact_phone,
-            )
-        if keys is not None:
-            found = keys
+        (keys,) = await self.dialog_keys_many(
+            session, [(snapshot, contact_key, contact_phone)], create=create
+        )
+        return keys
+
+    async def dialog_keys_many(
+        self,
+        session: Any,
+        contacts: Sequence[tuple[DirectionSnapshot, str, str | None]],
+        *,
+        create: bool,
+    ) -> list[DialogKeys | None]:
+        """dialog_keys for (snapshot, contact_key, contact_phone) each, in two statements
+        at most for those not cached: one read, one create."""
+        cache = self.cache
+        found: dict[dialogs_repo.ContactKey, DialogKeys] = {}
+        missing: dict[dialogs_repo.ContactKey, dialogs_repo.NewContact] = {}
+        for snapshot, contact_key, contact_phone in contacts:
+            key = (snapshot.direction_id, contact_key)
+            cached = cache.dialog_keys(*key)
+            if cached is not None:
+                found[key] = cached
+            elif key not in missing:
+                missing[key] = dialogs_repo.NewContact(
+                    snapshot.direction_id,
+                    snapshot.direction.instance_name,
+                    contact_key,
+                    contact_phone,
+                )
+        if missing:
+            looked_up = await dialogs_repo.find_dialogs(session, list(missing))
+            absent = [contact for key, contact in missing.items() if key not in looked_up]
+            if absent and create:
+                looked_up.update(await dialogs_repo.ensure_dialogs(session, absent))
+            found.update(looked_up)
+
+            def remember() -> None:
+                for (_, contact_key), keys in looked_up.items():
+                    cache.remember_dialog(contact_key, keys)
+
             # Remembered once committed: this transaction may have created the rows, and a
             # rollback (or another transaction not seeing them yet) must not meet cached ids.
-            on_commit(session, lambda: self.cache.remember_dialog(contact_key, found))
-        return keys
+            on_commit(session, remember)
+        return [found.get((snapshot.direction_id, key)) for snapshot, key, _ in contacts]
 
     async def load_context(self, session: Any, ref: DialogRef, *, create: bool) -> DialogContext:
         if ref.dialog_id is not None:

@@ -16,18 +16,18 @@ from typing import Any, Protocol
 from sqlalchemy import select, update
 
 from capi_server.adapters.db import dialogs_repo
-from capi_server.adapters.db.database import Database
+from capi_server.adapters.db.database import Database, is_transient_db_error
 from capi_server.adapters.db.events_repo import db_text
 from capi_server.adapters.db.orm import (
     DialogAnalysisRow,
     DialogMessageRow,
     DirectionRow,
-    LeadRow,
     utcnow,
 )
 from capi_server.adapters.llm import GeneratedPrompt, LlmAnalysis, LlmUnavailable
 from capi_server.domain.directions import CapiSource
 from capi_server.domain.errors import (
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -43,6 +43,8 @@ from capi_server.domain.whatsapp_webhooks import (
     SkippedWebhook,
     parse_whatsapp_webhook,
 )
+from capi_server.services.batching import GroupCommit
+from capi_server.services.hot_cache import DirectionSnapshot
 from capi_server.services.sender import DialogRef, SenderService, SendOptions, normalize_contact
 
 log = logging.getLogger("capi_server.qualification")
@@ -50,6 +52,8 @@ log = logging.getLogger("capi_server.qualification")
 MAX_TEXT_BYTES = 64 * 1024
 MAX_MESSAGES_FOR_LLM = 200
 MAX_DESCRIPTION_BYTES = 8 * 1024
+# Messages stored per transaction at most when many IngestMessage calls run at once.
+MAX_INGEST_BATCH = 256
 
 REASON_LLM_NOT_CONFIGURED = "LLM not configured"
 REASON_NO_PROMPT = "no qualification prompt"
@@ -79,6 +83,13 @@ class IncomingMessage:
     text: str
     sent_at: datetime | None
     ctwa_clid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _QueuedMessage:
+    message: InboundMessage
+    direction_id: int | None
+    fallback_instance: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,10 @@ class WhatsAppService:
         self.sender = sender
         self.llm = llm
         self.dry_run = dry_run
+        # Concurrent IngestMessage calls share a transaction (group commit).
+        self._ingest: GroupCommit[_QueuedMessage, IngestResult] = GroupCommit(
+            self._store_batch, max_batch=MAX_INGEST_BATCH
+        )
         # One LLM analysis per dialog at a time: later callers share the running one.
         self._inflight: dict[tuple[int, bool, bool], asyncio.Task[AnalysisResult]] = {}
 
@@ -134,19 +149,16 @@ class WhatsAppService:
                 else "raw_evolution_event",
                 exc.reason,
             ) from None
-        result = IngestResult(skipped_reason="no message in the webhook")
         messages = [m for m in parsed if isinstance(m, InboundMessage)]
         if not messages:
             skipped = next((m for m in parsed if isinstance(m, SkippedWebhook)), None)
-            return IngestResult(skipped_reason=skipped.reason if skipped else result.skipped_reason)
-        first: IngestResult | None = None
-        async with self.db.session() as session:
-            for message in messages:
-                stored = await self._store(session, message, direction_id, instance_name)
-                first = first or stored
-            await session.commit()
-        assert first is not None
-        return first
+            return IngestResult(
+                skipped_reason=skipped.reason if skipped else "no message in the webhook"
+            )
+        results = await self._ingest.submit_many(
+            [_QueuedMessage(m, direction_id, instance_name) for m in messages]
+        )
+        return results[0]
 
     async def ingest(self, message: IncomingMessage) -> IngestResult:
         if not message.message_id.strip():
@@ -175,83 +187,120 @@ class WhatsAppService:
             from_ad_without_click_id=False,
             push_name=None,
         )
-        async with self.db.session() as session:
-            result = await self._store(session, inbound, message.direction_id, None)
-            await session.commit()
-        return result
+        return await self._ingest.submit(_QueuedMessage(inbound, message.direction_id, None))
 
-    async def _store(
-        self,
-        session: Any,
-        message: InboundMessage,
-        direction_id: int | None,
-        fallback_instance: str | None,
-    ) -> IngestResult:
-        cache = self.sender.cache
-        if direction_id is not None:
-            snapshot = await cache.direction(session, direction_id=direction_id)
-        else:
-            instance = message.instance_name or fallback_instance
-            if not instance:
-                raise InvalidArgument.field(
-                    "instance_name", "the webhook names no instance; pass instance_name"
-                )
-            snapshot = await cache.direction(session, instance_name=instance)
-        phone: str | None = None
-        if message.contact_phone:
-            phone = normalize_contact(message.contact_phone, snapshot.default_region)
-            key = phone
-        else:
-            key = message.contact_key
+    async def _store_batch(self, queued: list[_QueuedMessage]) -> list[IngestResult | Exception]:
+        """Stores the messages of concurrent IngestMessage calls in one transaction."""
+        try:
+            return await self._store(queued)
+        except Exception as exc:
+            if len(queued) == 1 or is_transient_db_error(exc):
+                raise
+            # One message the database rejects must not fail the calls it shared a
+            # transaction with: each goes again in a transaction of its own.
+            log.warning(
+                "a batch of %d messages failed; storing them one by one",
+                len(queued),
+                extra={"error": type(exc).__name__},
+            )
+            results: list[IngestResult | Exception] = []
+            for one in queued:
+                try:
+                    (result,) = await self._store([one])
+                except Exception as single:
+                    result = single
+                results.append(result)
+            return results
+
+    async def _store(self, queued: list[_QueuedMessage]) -> list[IngestResult | Exception]:
+        """One transaction for all: a few statements whatever the number of messages."""
         now = utcnow()
-        keys = await self.sender.dialog_keys(session, snapshot, key, phone, create=True)
-        assert keys is not None
-        if message.ctwa_clid:
-            await dialogs_repo.set_lead_ctwa_clid(session, keys.lead_id, message.ctwa_clid)
-        elif message.from_ad_without_click_id:
-            await session.execute(
-                update(LeadRow)
-                .where(LeadRow.id == keys.lead_id, LeadRow.ctwa_clid.is_(None))
-                .values(from_ad_without_click_id=True)
+        results: list[IngestResult | Exception] = []
+        async with self.db.session() as session:
+            # Per message: its direction and contact; a bad one fails alone.
+            contacts: list[tuple[DirectionSnapshot, str, str | None]] = []
+            messages: list[InboundMessage] = []
+            for item in queued:
+                try:
+                    contacts.append(await self._contact_of(session, item))
+                except DomainError as exc:
+                    results.append(exc)
+                    continue
+                messages.append(item.message)
+                results.append(IngestResult())
+            found = await self.sender.dialog_keys_many(session, contacts, create=True)
+            stored = [(m, k) for m, k in zip(messages, found, strict=True) if k is not None]
+            await dialogs_repo.set_lead_ctwa_clids(
+                session, [(k.lead_id, m.ctwa_clid) for m, k in stored if m.ctwa_clid], now=now
             )
-        sent_at = datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now
-        stored = await dialogs_repo.insert_ignore(
-            session,
-            DialogMessageRow.__table__,  # type: ignore[arg-type]
-            {
-                "dialog_id": keys.dialog_id,
-                "message_id": message.message_id,
-                "from_me": message.from_me,
-                "text": db_text(message.text),
-                "message_type": message.message_type[:32],
-                "sent_at": sent_at,
-                "created_at": now,
-            },
-            ["dialog_id", "message_id"],
-        )
-        if stored and not message.from_me:
-            await session.execute(
-                update(DialogAnalysisRow)
-                .where(DialogAnalysisRow.id == keys.dialog_id)
-                .values(
-                    client_message_count=DialogAnalysisRow.client_message_count + 1,
-                    last_message_at=sent_at,
-                    updated_at=now,
+            await dialogs_repo.mark_from_ad_without_click_id(
+                session,
+                {k.lead_id for m, k in stored if m.from_ad_without_click_id and not m.ctwa_clid},
+                now=now,
+            )
+            rows: dict[tuple[int, str], dialogs_repo.NewMessage] = {}
+            for message, keys in stored:
+                # The same message twice in one batch: the first one counts.
+                rows.setdefault(
+                    (keys.dialog_id, message.message_id),
+                    dialogs_repo.NewMessage(
+                        keys.dialog_id,
+                        message.message_id,
+                        message.from_me,
+                        db_text(message.text),
+                        message.message_type[:32],
+                        datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now,
+                    ),
                 )
+            inserted = await dialogs_repo.insert_messages(session, list(rows.values()), now=now)
+            added: dict[int, tuple[int, datetime]] = {}
+            for row in (rows[key] for key in inserted):
+                if not row.from_me:
+                    count, last_at = added.get(row.dialog_id, (0, row.sent_at))
+                    added[row.dialog_id] = (count + 1, max(last_at, row.sent_at))
+            await dialogs_repo.count_client_messages(session, added, now=now)
+            clids = await dialogs_repo.lead_ctwa_clids(
+                session, {k.lead_id for m, k in stored if not m.ctwa_clid}
             )
-        clid = (
-            message.ctwa_clid
-            or (
-                await session.execute(select(LeadRow.ctwa_clid).where(LeadRow.id == keys.lead_id))
-            ).scalar_one_or_none()
-        )
-        return IngestResult(
-            dialog_id=keys.dialog_id,
-            lead_id=keys.lead_id,
-            stored=stored,
-            skipped_reason="" if stored else "message already stored",
-            has_ctwa_clid=bool(clid),
-        )
+            await session.commit()
+        outcomes = iter(stored)
+        for i, result in enumerate(results):
+            if isinstance(result, Exception):
+                continue
+            message, keys = next(outcomes)
+            key = (keys.dialog_id, message.message_id)
+            is_new = key in inserted
+            inserted.discard(key)  # its repeat in the same batch was not stored
+            results[i] = IngestResult(
+                dialog_id=keys.dialog_id,
+                lead_id=keys.lead_id,
+                stored=is_new,
+                skipped_reason="" if is_new else "message already stored",
+                has_ctwa_clid=bool(message.ctwa_clid or clids.get(keys.lead_id)),
+            )
+        return results
+
+    async def _contact_of(
+        self, session: Any, item: _QueuedMessage
+    ) -> tuple[DirectionSnapshot, str, str | None]:
+        """(direction, contact key, normalised phone) of a queued message."""
+        snapshot = await self._direction_of(session, item)
+        message = item.message
+        if not message.contact_phone:
+            return snapshot, message.contact_key, None
+        phone = normalize_contact(message.contact_phone, snapshot.default_region)
+        return snapshot, phone, phone
+
+    async def _direction_of(self, session: Any, item: _QueuedMessage) -> DirectionSnapshot:
+        cache = self.sender.cache
+        if item.direction_id is not None:
+            return await cache.direction(session, direction_id=item.direction_id)
+        instance = item.message.instance_name or item.fallback_instance
+        if not instance:
+            raise InvalidArgument.field(
+                "instance_name", "the webhook names no instance; pass instance_name"
+            )
+        return await cache.direction(session, instance_name=instance)
 
     # -- AnalyzeDialog ------------------------------------------------------------------
 

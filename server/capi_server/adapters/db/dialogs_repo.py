@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from capi_server.adapters.db.orm import (
     AdAccountRow,
     DialogAnalysisRow,
+    DialogMessageRow,
     DirectionRow,
     LeadRow,
     UserAccountRow,
@@ -21,25 +23,6 @@ from capi_server.adapters.db.orm import (
 )
 from capi_server.adapters.db.secrets import TokenCipher, UndecryptableSecret
 from capi_server.domain.errors import FailedPrecondition, NotFound
-
-
-async def insert_ignore(
-    session: AsyncSession, table: Table, values: dict[str, Any], conflict: list[str]
-) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted.
-
-    RETURNING decides, not rowcount: psycopg reports -1 for this statement.
-    """
-    dialect = session.bind.dialect.name if session.bind else "sqlite"
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = (
-        insert(table)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=conflict)
-        .returning(*table.primary_key.columns)
-    )
-    result = await session.execute(stmt)
-    return result.first() is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,17 +66,146 @@ async def default_region(session: AsyncSession, user_account_id: int) -> str | N
     ).scalar_one_or_none()
 
 
-def _upsert(
-    session: AsyncSession, table: Table, values: dict[str, Any], conflict: list[str]
-) -> Any:
-    """INSERT ... ON CONFLICT DO UPDATE SET updated_at ... RETURNING id: one round trip
-    that creates the row or returns the existing one's id, race-free."""
+ContactKey = tuple[int, str]
+"""(direction_id, contact_key): what names a lead and its dialog."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewContact:
+    """What a lead and its dialog are created with when the contact is new."""
+
+    direction_id: int
+    instance_name: str | None
+    contact_key: str
+    contact_phone: str | None
+
+    @property
+    def key(self) -> ContactKey:
+        return (self.direction_id, self.contact_key)
+
+
+_LEADS: Table = LeadRow.__table__  # type: ignore[assignment]
+_DIALOGS: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
+_MESSAGES: Table = DialogMessageRow.__table__  # type: ignore[assignment]
+
+# Statements are built once per dialect: building one (and its ON CONFLICT `excluded`
+# alias) costs more Python than executing it.
+_statements: dict[tuple[str, str], Any] = {}
+
+
+def _statement(session: AsyncSession, name: str) -> Any:
     dialect = session.bind.dialect.name if session.bind else "sqlite"
+    cached = _statements.get((dialect, name))
+    if cached is None:
+        cached = _statements[(dialect, name)] = _build(name, dialect)
+    return cached
+
+
+def _build(name: str, dialect: str) -> Any:
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(table).values(**values)
-    return stmt.on_conflict_do_update(
-        index_elements=conflict, set_={"updated_at": stmt.excluded.updated_at}
-    ).returning(table.c.id)
+    if name == "upsert_leads":
+        leads = insert(_LEADS)
+        return leads.on_conflict_do_update(
+            index_elements=["direction_id", "contact_key"],
+            set_={"updated_at": leads.excluded.updated_at},
+        ).returning(_LEADS.c.id, _LEADS.c.direction_id, _LEADS.c.contact_key)
+    if name == "upsert_dialogs":
+        dialogs = insert(_DIALOGS)
+        return dialogs.on_conflict_do_update(
+            index_elements=["lead_id"], set_={"updated_at": dialogs.excluded.updated_at}
+        ).returning(_DIALOGS.c.id, _DIALOGS.c.lead_id)
+    if name == "insert_messages":
+        return (
+            insert(_MESSAGES)
+            .on_conflict_do_nothing(index_elements=["dialog_id", "message_id"])
+            .returning(_MESSAGES.c.dialog_id, _MESSAGES.c.message_id)
+        )
+    raise KeyError(name)
+
+
+_FIND_DIALOGS = (
+    select(_DIALOGS.c.id, _DIALOGS.c.lead_id, _LEADS.c.contact_key)
+    .join(_LEADS, _LEADS.c.id == _DIALOGS.c.lead_id)
+    .where(
+        _LEADS.c.direction_id == bindparam("direction"),
+        _LEADS.c.contact_key.in_(bindparam("contacts", expanding=True)),
+    )
+)
+
+
+async def find_dialogs(
+    session: AsyncSession, keys: Collection[ContactKey]
+) -> dict[ContactKey, DialogKeys]:
+    """The existing leads' and dialogs' ids of `keys` (one query per direction)."""
+    by_direction: dict[int, set[str]] = {}
+    for direction_id, contact_key in keys:
+        by_direction.setdefault(direction_id, set()).add(contact_key)
+    found: dict[ContactKey, DialogKeys] = {}
+    for direction_id, contacts in by_direction.items():
+        rows = await session.execute(
+            _FIND_DIALOGS, {"direction": direction_id, "contacts": sorted(contacts)}
+        )
+        for dialog_id, lead_id, contact_key in rows:
+            found[(direction_id, contact_key)] = DialogKeys(dialog_id, lead_id, direction_id)
+    return found
+
+
+async def ensure_dialogs(
+    session: AsyncSession, contacts: Sequence[NewContact], *, now: datetime | None = None
+) -> dict[ContactKey, DialogKeys]:
+    """Leads and dialogs of `contacts`, created when missing (race-safe).
+
+    Two statements for any number of contacts: INSERT ... ON CONFLICT DO UPDATE ...
+    RETURNING creates the missing rows and returns the existing ones' ids.
+    """
+    now = now or utcnow()
+    unique = list({c.key: c for c in contacts}.values())
+    if not unique:
+        return {}
+    connection = await session.connection()
+    leads = await connection.execute(
+        _statement(session, "upsert_leads"),
+        [
+            {
+                "direction_id": c.direction_id,
+                "contact_key": c.contact_key,
+                "contact_phone": c.contact_phone,
+                "from_ad_without_click_id": False,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for c in unique
+        ],
+    )
+    lead_ids = {(direction_id, key): lead_id for lead_id, direction_id, key in leads}
+    dialogs = await connection.execute(
+        _statement(session, "upsert_dialogs"),
+        [
+            {
+                "lead_id": lead_ids[c.key],
+                "direction_id": c.direction_id,
+                "instance_name": c.instance_name,
+                "contact_phone": c.contact_phone or c.contact_key,
+                "capi_interest_sent": False,
+                "capi_qualified_sent": False,
+                "capi_scheduled_sent": False,
+                "client_message_count": 0,
+                "analyzed_client_message_count": 0,
+                "is_interested": False,
+                "is_qualified": False,
+                "is_scheduled": False,
+                "held_levels": {},
+                "created_at": now,
+                "updated_at": now,
+            }
+            for c in unique
+        ],
+    )
+    dialog_ids = dict((lead_id, dialog_id) for dialog_id, lead_id in dialogs)
+    return {
+        c.key: DialogKeys(dialog_ids[lead_ids[c.key]], lead_ids[c.key], c.direction_id)
+        for c in unique
+    }
 
 
 async def ensure_dialog(
@@ -106,75 +218,119 @@ async def ensure_dialog(
     now: datetime | None = None,
 ) -> DialogKeys:
     """The lead and dialog of (direction, contact), created when missing (race-safe)."""
-    now = now or utcnow()
-    lead_id = (
-        await session.execute(
-            _upsert(
-                session,
-                LeadRow.__table__,  # type: ignore[arg-type]
-                {
-                    "direction_id": direction_id,
-                    "contact_key": contact_key,
-                    "contact_phone": contact_phone,
-                    "from_ad_without_click_id": False,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-                ["direction_id", "contact_key"],
-            )
-        )
-    ).scalar_one()
-    dialog_id = (
-        await session.execute(
-            _upsert(
-                session,
-                DialogAnalysisRow.__table__,  # type: ignore[arg-type]
-                {
-                    "lead_id": lead_id,
-                    "direction_id": direction_id,
-                    "instance_name": instance_name,
-                    "contact_phone": contact_phone or contact_key,
-                    "capi_interest_sent": False,
-                    "capi_qualified_sent": False,
-                    "capi_scheduled_sent": False,
-                    "client_message_count": 0,
-                    "analyzed_client_message_count": 0,
-                    "is_interested": False,
-                    "is_qualified": False,
-                    "is_scheduled": False,
-                    "held_levels": {},
-                    "created_at": now,
-                    "updated_at": now,
-                },
-                ["lead_id"],
-            )
-        )
-    ).scalar_one()
-    return DialogKeys(dialog_id=dialog_id, lead_id=lead_id, direction_id=direction_id)
+    contact = NewContact(direction_id, instance_name, contact_key, contact_phone)
+    return (await ensure_dialogs(session, [contact], now=now))[contact.key]
 
 
 async def find_dialog(
     session: AsyncSession, direction_id: int, contact_key: str
 ) -> DialogKeys | None:
-    row = (
-        await session.execute(
-            select(DialogAnalysisRow.id, DialogAnalysisRow.lead_id)
-            .join(LeadRow, LeadRow.id == DialogAnalysisRow.lead_id)
-            .where(LeadRow.direction_id == direction_id, LeadRow.contact_key == contact_key)
-        )
-    ).first()
-    if row is None:
-        return None
-    return DialogKeys(dialog_id=row[0], lead_id=row[1], direction_id=direction_id)
-
-
-async def set_lead_ctwa_clid(session: AsyncSession, lead_id: int, ctwa_clid: str) -> None:
-    """The first click id wins: a later message never replaces or erases it."""
-    await session.execute(
-        update(LeadRow)
-        .where(LeadRow.id == lead_id, LeadRow.ctwa_clid.is_(None))
-        .values(ctwa_clid=ctwa_clid, updated_at=utcnow())
+    return (await find_dialogs(session, [(direction_id, contact_key)])).get(
+        (direction_id, contact_key)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    dialog_id: int
+    message_id: str
+    from_me: bool
+    text: str
+    message_type: str
+    sent_at: datetime
+
+
+async def insert_messages(
+    session: AsyncSession, messages: Sequence[NewMessage], *, now: datetime
+) -> set[tuple[int, str]]:
+    """Stores the messages not stored yet; returns the (dialog_id, message_id) stored now."""
+    if not messages:
+        return set()
+    connection = await session.connection()
+    rows = await connection.execute(
+        _statement(session, "insert_messages"),
+        [
+            {
+                "dialog_id": m.dialog_id,
+                "message_id": m.message_id,
+                "from_me": m.from_me,
+                "text": m.text,
+                "message_type": m.message_type,
+                "sent_at": m.sent_at,
+                "created_at": now,
+            }
+            for m in messages
+        ],
+    )
+    return {(dialog_id, message_id) for dialog_id, message_id in rows}
+
+
+_COUNT_CLIENT_MESSAGES = (
+    update(_DIALOGS)
+    .where(_DIALOGS.c.id == bindparam("dialog"))
+    .values(
+        client_message_count=_DIALOGS.c.client_message_count + bindparam("added"),
+        last_message_at=bindparam("last_at"),
+        updated_at=bindparam("now"),
+    )
+)
+
+
+async def count_client_messages(
+    session: AsyncSession, added: dict[int, tuple[int, datetime]], *, now: datetime
+) -> None:
+    """Adds {dialog_id: (new client messages, last one's time)} to the dialogs' counters."""
+    if added:
+        await (await session.connection()).execute(
+            _COUNT_CLIENT_MESSAGES,
+            [
+                {"dialog": dialog_id, "added": n, "last_at": last_at, "now": now}
+                for dialog_id, (n, last_at) in added.items()
+            ],
+        )
+
+
+_SET_CLID = (
+    update(_LEADS)
+    .where(_LEADS.c.id == bindparam("lead"), _LEADS.c.ctwa_clid.is_(None))
+    .values(ctwa_clid=bindparam("clid"), updated_at=bindparam("now"))
+)
+_MARK_AD_WITHOUT_CLID = (
+    update(_LEADS)
+    .where(_LEADS.c.id == bindparam("lead"), _LEADS.c.ctwa_clid.is_(None))
+    .values(from_ad_without_click_id=True, updated_at=bindparam("now"))
+)
+_LEAD_CLIDS = select(_LEADS.c.id, _LEADS.c.ctwa_clid).where(
+    _LEADS.c.id.in_(bindparam("leads", expanding=True))
+)
+
+
+async def set_lead_ctwa_clids(
+    session: AsyncSession, clids: Sequence[tuple[int, str]], *, now: datetime
+) -> None:
+    """(lead_id, ctwa_clid) in arrival order: the first click id of a lead wins, and a
+    later message never replaces or erases it."""
+    if clids:
+        await (await session.connection()).execute(
+            _SET_CLID, [{"lead": lead, "clid": clid, "now": now} for lead, clid in clids]
+        )
+
+
+async def mark_from_ad_without_click_id(
+    session: AsyncSession, lead_ids: Collection[int], *, now: datetime
+) -> None:
+    if lead_ids:
+        await (await session.connection()).execute(
+            _MARK_AD_WITHOUT_CLID, [{"lead": lead, "now": now} for lead in sorted(lead_ids)]
+        )
+
+
+async def lead_ctwa_clids(session: AsyncSession, lead_ids: Collection[int]) -> dict[int, str]:
+    """{lead_id: ctwa_clid} of the leads that have one."""
+    if not lead_ids:
+        return {}
+    rows = await session.execute(_LEAD_CLIDS, {"leads": sorted(lead_ids)})
+    return {lead_id: clid for lead_id, clid in rows if clid}
 
 
 async def access_token_for(

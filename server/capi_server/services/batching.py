@@ -1,0 +1,101 @@
+"""Group commit: concurrent callers' items share one batch (one transaction).
+
+The first item starts a batch at once; items that arrive while that batch runs form the
+next one. Batches therefore grow with load and shrink to one item when the service is
+idle: nobody waits for a timer, and under load one transaction carries many calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+# What a batch function returns per item: its result, or the error for that item alone.
+BatchRunner = Callable[[list[ItemT]], Awaitable[Sequence[ResultT | Exception]]]
+
+
+class GroupCommit(Generic[ItemT, ResultT]):
+    """Runs `run_batch` over the items queued by concurrent `submit` calls.
+
+    `run_batch` returns one entry per item, in order: a result or an Exception for that
+    item. If `run_batch` itself raises, every item of the batch gets that error. The batch
+    runs in a task of its own: a caller that gives up (deadline) does not cancel the work
+    of the others in its batch.
+    """
+
+    def __init__(self, run_batch: BatchRunner[ItemT, ResultT], *, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._queue: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
+        self._runner: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: ItemT) -> ResultT:
+        (result,) = await self.submit_many([item])
+        return result
+
+    async def submit_many(self, items: Sequence[ItemT]) -> list[ResultT]:
+        """Queues `items` (they may land in one batch or more); raises the first error."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[ResultT]] = []
+        for item in items:
+            future: asyncio.Future[ResultT] = loop.create_future()
+            future.add_done_callback(_retrieve)
+            self._queue.append((item, future))
+            futures.append(future)
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._drain())
+        return [await asyncio.shield(future) for future in futures]
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: len(batch)]
+                self.batches += 1
+                self.items += len(batch)
+                try:
+                    results = await self._run_batch([item for item, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException:
+                    # Cancelled at shutdown: the callers must not wait forever.
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(asyncio.CancelledError())
+                    raise
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            # No await between the empty check and here: nothing can be queued unseen.
+            self._runner = None
+            for _, future in self._queue:
+                if not future.done():
+                    future.set_exception(asyncio.CancelledError())
+            self._queue.clear()
+
+    async def aclose(self) -> None:
+        """Waits for the batch in progress and the queued ones (called at shutdown)."""
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a future's error as seen: its caller may have gone (deadline)."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,88 @@
+"""GroupCommit: concurrent callers share batches, each gets its own result or error."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from capi_server.services.batching import GroupCommit
+
+
+class Recorder:
+    """A batch function that records its batches and can be held mid-batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def __call__(self, items: list[int]) -> list[int | Exception]:
+        self.batches.append(list(items))
+        await self.release.wait()
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+
+async def test_each_caller_gets_its_own_result_or_error() -> None:
+    recorder = Recorder()
+    commit: GroupCommit[int, int] = GroupCommit(recorder, max_batch=100)
+    results = await asyncio.gather(*(commit.submit(i) for i in range(6)), return_exceptions=True)
+    assert results[0::2] == [0, 20, 40]
+    assert [str(e) for e in results[1::2]] == ["odd 1", "odd 3", "odd 5"]
+    # All six were queued before the first batch ran: one batch.
+    assert recorder.batches == [[0, 1, 2, 3, 4, 5]]
+
+
+async def test_items_queued_while_a_batch_runs_form_the_next_batch() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    commit: GroupCommit[int, int] = GroupCommit(recorder, max_batch=3)
+    first = asyncio.ensure_future(commit.submit(0))
+    await asyncio.sleep(0.01)
+    assert recorder.batches == [[0]]  # an idle service does not wait to fill a batch
+    later = [asyncio.ensure_future(commit.submit(i)) for i in (2, 4, 6, 8)]
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    assert await first == 0
+    assert await asyncio.gather(*later) == [20, 40, 60, 80]
+    assert recorder.batches == [[0], [2, 4, 6], [8]]  # max_batch holds
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_its_batch() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    commit: GroupCommit[int, int] = GroupCommit(recorder, max_batch=10)
+    impatient = asyncio.ensure_future(commit.submit(2))
+    patient = asyncio.ensure_future(commit.submit(4))
+    await asyncio.sleep(0.01)
+    impatient.cancel()
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    assert await patient == 40
+    assert recorder.batches == [[2, 4]]
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+
+
+async def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs() -> None:
+    calls = 0
+
+    async def flaky(items: list[int]) -> list[int | Exception]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("database went away")
+        return list(items)
+
+    commit: GroupCommit[int, int] = GroupCommit(flaky, max_batch=10)
+    with pytest.raises(RuntimeError, match="went away"):
+        await commit.submit_many([1, 2])
+    assert await commit.submit(3) == 3
+
+
+def test_max_batch_must_be_positive() -> None:
+    async def noop(items: list[int]) -> list[int | Exception]:
+        return list(items)
+
+    with pytest.raises(ValueError, match="max_batch"):
+        GroupCommit(noop, max_batch=0)
