@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from capi_server.adapters import metrics
 from capi_server.adapters.db import dialogs_repo, events_repo
-from capi_server.adapters.db.database import Database, on_commit
+from capi_server.adapters.db.database import Database, is_transient_db_error, on_commit
 from capi_server.adapters.db.dialogs_repo import DialogKeys
 from capi_server.adapters.db.orm import (
     CapiEventLogRow,
@@ -56,11 +56,14 @@ from capi_server.domain.payloads import (
     event_id_for,
     is_too_old,
 )
+from capi_server.services.batching import GroupCommit
 from capi_server.services.hot_cache import DirectionSnapshot, HotCache
 
 log = logging.getLogger("capi_server.sender")
 
 FUTURE_TOLERANCE = timedelta(minutes=10)
+# SendConversion calls claimed per transaction at most when many run at once.
+MAX_PLAN_BATCH = 256
 CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 
 
@@ -124,6 +127,15 @@ class SendItem:
     options: SendOptions
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedSend:
+    """An item after its claim transaction: the report so far and what to deliver."""
+
+    report: SendReport
+    key: tuple[str, str, str | None] | None = None  # (pixel, token, test code) to send with
+    claimed: list[ClaimedEvent] = field(default_factory=list)
+
+
 @dataclass
 class SenderConfig:
     dry_run: bool = False
@@ -162,6 +174,10 @@ class SenderService:
             tuple[str, str, str | None], list[tuple[ClaimedEvent, asyncio.Future[EventOutcome]]]
         ] = {}
         self._drainers: dict[tuple[str, str, str | None], asyncio.Task[None]] = {}
+        # Concurrent send() calls are claimed in one transaction.
+        self._planner: GroupCommit[SendItem, PlannedSend] = GroupCommit(
+            self._plan_batch, max_batch=MAX_PLAN_BATCH
+        )
 
     # -- resolving a dialog -------------------------------------------------------------
 
@@ -169,6 +185,12 @@ class SenderService:
         self, session: Any, ref: DialogRef, *, create: bool
     ) -> tuple[DirectionSnapshot, DialogKeys | None]:
         """The direction and the dialog's keys; with `create`, the dialog is created."""
+        snapshot, phone = await self._contact_of(session, ref)
+        keys = await self.dialog_keys(session, snapshot, phone, phone, create=create)
+        return snapshot, keys
+
+    async def _contact_of(self, session: Any, ref: DialogRef) -> tuple[DirectionSnapshot, str]:
+        """The direction and normalised phone of a dialog named by its contact."""
         if ref.direction_id is not None:
             snapshot = await self.cache.direction(session, direction_id=ref.direction_id)
         elif ref.instance_name:
@@ -179,9 +201,7 @@ class SenderService:
             )
         if not ref.contact_phone:
             raise InvalidArgument.field("contact_phone", "is required with instance_name")
-        phone = normalize_contact(ref.contact_phone, snapshot.default_region)
-        keys = await self.dialog_keys(session, snapshot, phone, phone, create=create)
-        return snapshot, keys
+        return snapshot, normalize_contact(ref.contact_phone, snapshot.default_region)
 
     async def dialog_keys(
         self,
@@ -308,8 +328,13 @@ class SenderService:
             raise InvalidArgument.field("event_time", "is in the future")
 
     async def send(self, ref: DialogRef, level: Level, options: SendOptions) -> SendReport:
-        """Send `level` and every unsent lower level, lowest first; idempotent."""
-        (result,) = await self.send_many([SendItem(ref, level, options)])
+        """Send `level` and every unsent lower level, lowest first; idempotent.
+
+        Concurrent calls are claimed in one transaction (group commit); their events then
+        share Graph requests per pixel.
+        """
+        planned = await self._planner.submit(SendItem(ref, level, options))
+        (result,) = await self._deliver_planned([planned])
         if isinstance(result, DomainError):
             raise result
         return result
@@ -321,28 +346,78 @@ class SenderService:
         events (a CRM webhook naming many deals). An item whose input is bad gets its error
         in its place; the other items go on.
         """
-        now = self.clock()
-        results: list[SendReport | DomainError] = []
-        batches: dict[tuple[str, str, str | None], list[ClaimedEvent]] = defaultdict(list)
-        async with self.db.session() as session:
+        return await self._deliver_planned(await self._plan_many(items))
+
+    async def _plan_batch(self, items: list[SendItem]) -> list[PlannedSend | Exception]:
+        """The planner's batch: concurrent SendConversion calls, one transaction."""
+        try:
+            return list(await self._plan_many(items))
+        except Exception as exc:
+            if len(items) == 1 or is_transient_db_error(exc):
+                raise
+            # One item the database rejects must not fail the calls it shared a
+            # transaction with: each goes again in a transaction of its own.
+            log.warning(
+                "a batch of %d sends failed; planning them one by one",
+                len(items),
+                extra={"error": type(exc).__name__},
+            )
+            results: list[PlannedSend | Exception] = []
             for item in items:
+                try:
+                    results.extend(await self._plan_many([item]))
+                except Exception as single:
+                    results.append(single)
+            return results
+
+    async def _plan_many(self, items: Sequence[SendItem]) -> list[PlannedSend | DomainError]:
+        """Claims the items' events in one transaction; nothing is sent yet.
+
+        Dialogs named by phone are resolved together and the dialog and lead rows are
+        loaded together, so a batch costs a few statements plus two per claimed event.
+        """
+        now = self.clock()
+        results: list[PlannedSend | DomainError | None] = [None] * len(items)
+        dialog_ids: list[int | None] = [item.ref.dialog_id for item in items]
+        async with self.db.session() as session:
+            named: list[tuple[int, tuple[DirectionSnapshot, str, str | None]]] = []
+            for i, item in enumerate(items):
+                if item.ref.dialog_id is None:
+                    try:
+                        snapshot, phone = await self._contact_of(session, item.ref)
+                    except DomainError as exc:
+                        results[i] = exc
+                        continue
+                    named.append((i, (snapshot, phone, phone)))
+            found = await self.dialog_keys_many(session, [c for _, c in named], create=True)
+            for (i, _), keys in zip(named, found, strict=True):
+                assert keys is not None
+                dialog_ids[i] = keys.dialog_id
+            to_plan: list[tuple[int, int, datetime, str | None]] = []
+            for i, item in enumerate(items):
+                dialog_id = dialog_ids[i]
+                if results[i] is not None or dialog_id is None:
+                    continue
                 try:
                     event_time = item.options.event_time or now
                     self._check_event_time(event_time, now)
                     email = self._check_options(item.options)
-                    ref = item.ref
-                    if ref.dialog_id is None:
-                        # Resolved (and created) once; the rest goes by id.
-                        _, keys = await self.resolve_dialog(session, ref, create=True)
-                        assert keys is not None
-                        ref = DialogRef(dialog_id=keys.dialog_id)
-                    assert ref.dialog_id is not None
                     if not email and not item.options.dry_run:
-                        done = await self._already_sent(session, ref.dialog_id, item.level)
+                        done = await self._already_sent(session, dialog_id, item.level)
                         if done is not None:
-                            results.append(done)
+                            results[i] = PlannedSend(done)
                             continue
-                    ctx = await self.load_context(session, ref, create=True)
+                except DomainError as exc:
+                    results[i] = exc
+                    continue
+                to_plan.append((dialog_id, i, event_time, email))
+            # Held in a local: the session's identity map only keeps rows referenced.
+            loaded = await dialogs_repo.load_dialogs_and_leads(session, {p[0] for p in to_plan})
+            # Claims in dialog id order: two batches (two replicas) cannot deadlock.
+            for dialog_id, i, event_time, email in sorted(to_plan, key=lambda p: p[:2]):
+                item = items[i]
+                try:
+                    ctx = await self.load_context(session, DialogRef(dialog_id), create=True)
                     if ctx.token_error is not None and ctx.direction.capi.enabled:
                         raise ctx.token_error
                     if email and ctx.lead.email != email:
@@ -351,16 +426,32 @@ class SenderService:
                         session, ctx, item.level, event_time, item.options, now
                     )
                 except DomainError as exc:
-                    results.append(exc)
+                    results[i] = exc
                     continue
-                results.append(report)
+                key = None
                 if claimed:
                     assert ctx.direction.pixel_id and ctx.access_token
                     test_code = item.options.test_event_code or ctx.direction.capi.test_event_code
                     key = (ctx.direction.pixel_id, ctx.access_token, test_code)
-                    batches[key].extend(claimed)
+                results[i] = PlannedSend(report, key, claimed)
             await session.commit()
-        metrics.observe_planned(o for r in results if isinstance(r, SendReport) for o in r.outcomes)
+            del loaded
+        done_results = [r for r in results if r is not None]
+        assert len(done_results) == len(items)
+        metrics.observe_planned(
+            o for r in done_results if isinstance(r, PlannedSend) for o in r.report.outcomes
+        )
+        return done_results
+
+    async def _deliver_planned(
+        self, planned: Sequence[PlannedSend | DomainError]
+    ) -> list[SendReport | DomainError]:
+        """Sends what `_plan_many` claimed and fills in the outcomes."""
+        results = [p if isinstance(p, DomainError) else p.report for p in planned]
+        batches: dict[tuple[str, str, str | None], list[ClaimedEvent]] = defaultdict(list)
+        for p in planned:
+            if isinstance(p, PlannedSend) and p.key is not None:
+                batches[p.key].extend(p.claimed)
         if not batches:
             return results
         groups = await asyncio.gather(
@@ -438,6 +529,7 @@ class SenderService:
 
     async def aclose(self) -> None:
         """Wait for deliveries in progress (called at shutdown, before the HTTP client)."""
+        await self._planner.aclose()
         if self._drainers:
             await asyncio.gather(*self._drainers.values(), return_exceptions=True)
 

@@ -206,10 +206,9 @@ class WhatsAppService:
             results: list[IngestResult | Exception] = []
             for one in queued:
                 try:
-                    (result,) = await self._store([one])
+                    results.extend(await self._store([one]))
                 except Exception as single:
-                    result = single
-                results.append(result)
+                    results.append(single)
             return results
 
     async def _store(self, queued: list[_QueuedMessage]) -> list[IngestResult | Exception]:

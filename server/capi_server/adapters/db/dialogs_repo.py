@@ -230,6 +230,31 @@ async def find_dialog(
     )
 
 
+async def load_dialogs_and_leads(
+    session: AsyncSession, dialog_ids: Collection[int]
+) -> list[DialogAnalysisRow | LeadRow]:
+    """Loads the dialogs and their leads into the session in two statements, so that
+    `session.get` finds them without a query each. Keep the returned list referenced while
+    they are needed: the identity map holds rows weakly."""
+    if not dialog_ids:
+        return []
+    dialogs = list(
+        (
+            await session.execute(
+                select(DialogAnalysisRow).where(DialogAnalysisRow.id.in_(sorted(dialog_ids)))
+            )
+        ).scalars()
+    )
+    leads = list(
+        (
+            await session.execute(
+                select(LeadRow).where(LeadRow.id.in_(sorted({d.lead_id for d in dialogs})))
+            )
+        ).scalars()
+    )
+    return [*dialogs, *leads]
+
+
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     dialog_id: int

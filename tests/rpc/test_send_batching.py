@@ -1,0 +1,144 @@
+"""SendConversion under concurrency: calls are claimed in shared transactions (group
+commit); each caller still gets its own answer and every event reaches Graph once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from capi.v1 import capi_sender_service_pb2 as pb
+from capi.v1 import resources_pb2 as res
+from capi_server.adapters.db import events_repo
+from capi_server.adapters.db.orm import CapiEventLogRow
+from tests.builders import whatsapp_direction
+from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs
+from tests.fakes.graph import FakeGraph
+
+
+def phone(n: int) -> str:
+    return f"+7701777{n:04d}"
+
+
+@pytest.fixture
+def graph() -> Iterator[FakeGraph]:
+    with FakeGraph() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def stubs(database_url: str, graph: FakeGraph) -> AsyncIterator[Stubs]:
+    s = await start_stubs(make_settings(database_url, meta_graph_url=graph.base_url))
+    try:
+        yield s
+    finally:
+        await stop_stubs(s)
+
+
+async def test_concurrent_sends_share_claims_and_send_each_event_once(
+    stubs: Stubs, graph: FakeGraph
+) -> None:
+    setup = await whatsapp_direction(stubs)
+
+    async def call(contact: str, level: Any) -> pb.SendConversionResponse | grpc.aio.AioRpcError:
+        try:
+            return await stubs.sender.SendConversion(
+                pb.SendConversionRequest(
+                    instance_name=setup.instance_name, contact_phone=contact, level=level
+                )
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+    calls = [(phone(n), res.LEVEL_INTEREST) for n in range(30)]
+    calls += [(phone(0), res.LEVEL_INTEREST)] * 5  # the same dialog, in the same burst
+    calls += [(phone(40), res.LEVEL_QUALIFIED)]  # levels 1 and 2 together
+    calls += [("12", res.LEVEL_INTEREST)]  # a bad phone fails alone
+    before = stubs.app.sender._planner.batches
+    results = await asyncio.gather(*(call(c, level) for c, level in calls))
+
+    *good, bad = results
+    assert isinstance(bad, grpc.aio.AioRpcError)
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    event_ids: dict[str, set[str]] = {}
+    for (contact, _), result in zip(calls, good, strict=False):
+        assert isinstance(result, pb.SendConversionResponse), result
+        for event in result.events:
+            assert event.outcome in (
+                res.SEND_OUTCOME_SENT,
+                res.SEND_OUTCOME_QUEUED,
+                res.SEND_OUTCOME_ALREADY_SENT,
+            ), event
+            event_ids.setdefault(f"{contact}/{event.level}", set()).add(event.event_id)
+    # One event id per (dialog, level), however many calls named it.
+    assert all(len(ids) == 1 for ids in event_ids.values())
+    assert len(event_ids) == 32
+    assert stubs.app.sender._planner.batches - before < len(calls)
+
+    async def delivered() -> Counter[str]:
+        return Counter(e["event_id"] for e in graph.events())
+
+    for _ in range(100):
+        if len(await delivered()) == 32:
+            break
+        await asyncio.sleep(0.05)
+    sent = await delivered()
+    assert set(sent) == {i for ids in event_ids.values() for i in ids}
+    assert set(sent.values()) == {1}  # none twice
+
+
+async def test_an_event_the_database_rejects_fails_alone(
+    stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await whatsapp_direction(stubs)
+    real_insert = events_repo.insert_log_row
+    poisoned: set[int] = set()
+
+    async def insert_rejecting(session: Any, **values: Any) -> int:
+        if values["dialog_id"] in poisoned:
+            raise IntegrityError("INSERT", {}, Exception("rejected"))
+        return await real_insert(session, **values)
+
+    # The dialog of phone(9) exists first, so its id is known.
+    ninth = await stubs.sender.SendConversion(
+        pb.SendConversionRequest(
+            instance_name=setup.instance_name, contact_phone=phone(9), level=res.LEVEL_INTEREST
+        )
+    )
+    poisoned.add(int(ninth.dialog_id))
+    monkeypatch.setattr(events_repo, "insert_log_row", insert_rejecting)
+    service = stubs.app.sender
+    from capi_server.domain.levels import Level
+    from capi_server.services.sender import DialogRef, SendOptions
+
+    before = service._planner.batches
+    results = await asyncio.gather(
+        *(
+            service.send(
+                DialogRef(instance_name=setup.instance_name, contact_phone=phone(n)),
+                Level.QUALIFIED,
+                SendOptions(),
+            )
+            for n in range(10)
+        ),
+        return_exceptions=True,
+    )
+    assert service._planner.batches - before == 1  # they did share one batch
+    assert isinstance(results[9], IntegrityError)
+    assert all(not isinstance(r, BaseException) for r in results[:9])
+    async with stubs.app.db.session() as session:
+        rows = (
+            await session.execute(
+                select(CapiEventLogRow.dialog_id, CapiEventLogRow.level).where(
+                    CapiEventLogRow.direction_id == int(setup.direction_id)
+                )
+            )
+        ).all()
+    # 9 dialogs x levels 1-2, plus the first level-1 event of phone(9); nothing half-written.
+    assert len(rows) == 9 * 2 + 1
