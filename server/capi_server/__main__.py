@@ -49,14 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
         else:
-            import os
-
-            if os.environ.get("CAPI_EVENT_LOOP") == "uvloop":
-                import uvloop
-
-                uvloop.run(_serve(settings, args.migrate))
-            else:
-                asyncio.run(_serve(settings, args.migrate))
+            asyncio.run(_serve(settings, args.migrate))
     except StartupError as exc:
         log.error("refusing to start: %s", exc)
         return 2

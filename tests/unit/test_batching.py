@@ -1,4 +1,4 @@
-"""GroupCommit: concurrent callers share batches, each gets its own result or error."""
+"""Batcher: concurrent callers share batches, each gets its own result or error."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from capi_server.services.batching import GroupCommit
+from capi_server.services.batching import Batcher
 
 
 class Recorder:
@@ -25,7 +25,7 @@ class Recorder:
 
 async def test_each_caller_gets_its_own_result_or_error() -> None:
     recorder = Recorder()
-    commit: GroupCommit[int, int] = GroupCommit(recorder, max_batch=100)
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=100)
     results = await asyncio.gather(*(commit.submit(i) for i in range(6)), return_exceptions=True)
     assert results[0::2] == [0, 20, 40]
     assert [str(e) for e in results[1::2]] == ["odd 1", "odd 3", "odd 5"]
@@ -36,7 +36,7 @@ async def test_each_caller_gets_its_own_result_or_error() -> None:
 async def test_items_queued_while_a_batch_runs_form_the_next_batch() -> None:
     recorder = Recorder()
     recorder.release.clear()
-    commit: GroupCommit[int, int] = GroupCommit(recorder, max_batch=3)
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=3)
     first = asyncio.ensure_future(commit.submit(0))
     await asyncio.sleep(0.01)
     assert recorder.batches == [[0]]  # an idle service does not wait to fill a batch
@@ -51,7 +51,7 @@ async def test_items_queued_while_a_batch_runs_form_the_next_batch() -> None:
 async def test_a_caller_that_gives_up_does_not_cancel_its_batch() -> None:
     recorder = Recorder()
     recorder.release.clear()
-    commit: GroupCommit[int, int] = GroupCommit(recorder, max_batch=10)
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=10)
     impatient = asyncio.ensure_future(commit.submit(2))
     patient = asyncio.ensure_future(commit.submit(4))
     await asyncio.sleep(0.01)
@@ -74,7 +74,7 @@ async def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs()
             raise RuntimeError("database went away")
         return list(items)
 
-    commit: GroupCommit[int, int] = GroupCommit(flaky, max_batch=10)
+    commit: Batcher[int, int] = Batcher(flaky, max_batch=10)
     with pytest.raises(RuntimeError, match="went away"):
         await commit.submit_many([1, 2])
     assert await commit.submit(3) == 3
@@ -85,4 +85,4 @@ def test_max_batch_must_be_positive() -> None:
         return list(items)
 
     with pytest.raises(ValueError, match="max_batch"):
-        GroupCommit(noop, max_batch=0)
+        Batcher(noop, max_batch=0)

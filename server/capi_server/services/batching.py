@@ -1,4 +1,5 @@
-"""Group commit: concurrent callers' items share one batch (one transaction).
+"""Group commit: concurrent callers' items share one batch (one transaction, or one
+query for reads).
 
 The first item starts a batch at once; items that arrive while that batch runs form the
 next one. Batches therefore grow with load and shrink to one item when the service is
@@ -18,7 +19,7 @@ ResultT = TypeVar("ResultT")
 BatchRunner = Callable[[list[ItemT]], Awaitable[Sequence[ResultT | Exception]]]
 
 
-class GroupCommit(Generic[ItemT, ResultT]):
+class Batcher(Generic[ItemT, ResultT]):
     """Runs `run_batch` over the items queued by concurrent `submit` calls.
 
     `run_batch` returns one entry per item, in order: a result or an Exception for that

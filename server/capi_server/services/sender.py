@@ -56,7 +56,7 @@ from capi_server.domain.payloads import (
     event_id_for,
     is_too_old,
 )
-from capi_server.services.batching import GroupCommit
+from capi_server.services.batching import Batcher
 from capi_server.services.hot_cache import DirectionSnapshot, HotCache
 
 log = logging.getLogger("capi_server.sender")
@@ -175,7 +175,7 @@ class SenderService:
         ] = {}
         self._drainers: dict[tuple[str, str, str | None], asyncio.Task[None]] = {}
         # Concurrent send() calls are claimed in one transaction.
-        self._planner: GroupCommit[SendItem, PlannedSend] = GroupCommit(
+        self._planner: Batcher[SendItem, PlannedSend] = Batcher(
             self._plan_batch, max_batch=MAX_PLAN_BATCH
         )
 

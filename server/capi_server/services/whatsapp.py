@@ -43,7 +43,7 @@ from capi_server.domain.whatsapp_webhooks import (
     SkippedWebhook,
     parse_whatsapp_webhook,
 )
-from capi_server.services.batching import GroupCommit
+from capi_server.services.batching import Batcher
 from capi_server.services.hot_cache import DirectionSnapshot
 from capi_server.services.sender import DialogRef, SenderService, SendOptions, normalize_contact
 
@@ -129,8 +129,13 @@ class WhatsAppService:
         self.llm = llm
         self.dry_run = dry_run
         # Concurrent IngestMessage calls share a transaction (group commit).
-        self._ingest: GroupCommit[_QueuedMessage, IngestResult] = GroupCommit(
+        self._ingest: Batcher[_QueuedMessage, IngestResult] = Batcher(
             self._store_batch, max_batch=MAX_INGEST_BATCH
+        )
+        # Concurrent AnalyzeDialog calls read their dialog rows in one query.
+        self._dialog_reader: Batcher[int, DialogAnalysisRow] = Batcher(
+            self._read_dialogs,
+            max_batch=MAX_INGEST_BATCH,  # also the most calls in flight
         )
         # One LLM analysis per dialog at a time: later callers share the running one.
         self._inflight: dict[tuple[int, bool, bool], asyncio.Task[AnalysisResult]] = {}
@@ -333,13 +338,30 @@ class WhatsAppService:
         if not task.cancelled():
             task.exception()  # seen, even when every caller has gone
 
-    async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
+    async def _read_dialogs(self, dialog_ids: list[int]) -> list[DialogAnalysisRow | Exception]:
+        """The dialog rows of concurrent AnalyzeDialog calls, in one query."""
         async with self.db.session() as session:
-            # The dialog row and the (cached) direction are all the decision needs.
-            found = await session.get(DialogAnalysisRow, dialog_id)
-            if found is None:
-                raise NotFound(f"dialog {dialog_id} not found", reason="DIALOG_NOT_FOUND")
-            dialog = found
+            rows = {
+                row.id: row
+                for row in (
+                    await session.execute(
+                        select(DialogAnalysisRow).where(
+                            DialogAnalysisRow.id.in_(sorted(set(dialog_ids)))
+                        )
+                    )
+                ).scalars()
+            }
+        return [
+            rows.get(dialog_id)
+            or NotFound(f"dialog {dialog_id} not found", reason="DIALOG_NOT_FOUND")
+            for dialog_id in dialog_ids
+        ]
+
+    async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
+        # The dialog row (read now, with the other calls' rows) and the (cached) direction
+        # are all the decision needs; the session below reads only when the LLM is called.
+        dialog = await self._dialog_reader.submit(dialog_id)
+        async with self.db.session() as session:
             snapshot = await self.sender.cache.direction(session, direction_id=dialog.direction_id)
             result = AnalysisResult(dialog_id=dialog.id)
             capi = snapshot.direction.capi
