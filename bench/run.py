@@ -15,6 +15,7 @@ Environment (all optional):
 - BENCH_CRM_DEALS: deals in the mass webhook, 1000. BENCH_CRM_RATE: see crm_server.py.
 - BENCH_SQLITE=1: also run ingest/send on SQLite.
 - BENCH_PROFILE: 1 when BENCH_SECONDS >= 5 (profiles of ingest and send_new);
+  BENCH_PROFILER=py-spy samples with py-spy (a dev dependency) from outside the server,
   BENCH_PROFILER=cprofile uses cProfile instead of bench.sampler.
 - BENCH_WRITE_README: 1 when BENCH_SECONDS >= 10 (refresh the results in bench/README.md).
 - BENCH_ONLY: comma-separated steps (core, crm, scale, memory, sqlite, profile).
@@ -30,6 +31,7 @@ import platform
 import pstats
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,6 +87,8 @@ PHONES = {
 }
 # AnalyzeDialog calls waiting on the slow LLM at once, beside the send_dup load.
 LLM_IN_FLIGHT = 8
+# py-spy samples per second (it stops the server briefly for each sample).
+PY_SPY_RATE = 200
 # Real CRM limits, to compare the service's own time with (requests per second).
 AMOCRM_REAL_RATE = 7.0
 
@@ -889,25 +893,44 @@ class Bench:
     def profile(self, wa: WhatsAppSetup) -> None:
         """Profile ingest and send_new in their own server process each.
 
-        Default: bench.sampler (inclusive times that survive SQLAlchemy's greenlets);
-        BENCH_PROFILER=cprofile runs `python -m cProfile` instead (own times only are
-        meaningful there).
+        BENCH_PROFILER: `sampler` (default; bench.sampler, inclusive times that survive
+        SQLAlchemy's greenlets), `py-spy` (samples from outside the process), or
+        `cprofile` (own times only are meaningful there).
         """
         params: dict[str, Any] = {"instance_name": wa.instance_name}
-        use_cprofile = os.environ.get("BENCH_PROFILER", "sampler") == "cprofile"
+        profiler = os.environ.get("BENCH_PROFILER", "sampler")
+        py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
+            "py-spy"
+        )
+        if profiler == "py-spy" and py_spy is None:
+            self.skip("profile", "BENCH_PROFILER=py-spy but py-spy is not installed")
+            return
         RESULTS_DIR.mkdir(exist_ok=True)
         for name, kind in (("ingest", "ingest"), ("send_new", "send")):
-            out = self.workdir / f"profile_{name}.{'prof' if use_cprofile else 'json'}"
-            args = (
-                ["-m", "cProfile", "-o", str(out), "-m", "capi_server", "serve"]
-                if use_cprofile
-                else ["-m", "bench.sampler", str(out), "serve"]
-            )
+            out = self.workdir / f"profile_{name}.{'prof' if profiler == 'cprofile' else 'json'}"
+            args = {
+                "cprofile": ["-m", "cProfile", "-o", str(out), "-m", "capi_server", "serve"],
+                "py-spy": ["-m", "capi_server", "serve"],
+            }.get(profiler, ["-m", "bench.sampler", str(out), "serve"])
             server = self.start_server(f"profile_{name}", self.db_url, args)
             self.watched["server"] = server.pid
+            spy: subprocess.Popen[bytes] | None = None
+            raw = self.workdir / f"profile_{name}.py-spy.txt"
             try:
-                if not use_cprofile:
+                if profiler == "sampler":
                     os.kill(server.pid, signal.SIGUSR1)
+                if profiler == "py-spy":
+                    assert py_spy is not None
+                    seconds = str(max(1, int(self.config.seconds)))
+                    spy = subprocess.Popen(
+                        [
+                            *(py_spy, "record", "--pid", str(server.pid), "--format", "raw"),
+                            *("--full-filenames", "--rate", str(PY_SPY_RATE)),
+                            *("--output", str(raw), "--duration", seconds),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 self.measure(
                     self.spec(
                         f"profiled_{name}",
@@ -915,14 +938,20 @@ class Bench:
                         kind,
                         {**params, "phone_base": PHONES[f"profile_{name}"]},
                     ),
-                    note="under the profiler (slower), not a target figure",
+                    note=f"under {profiler} (slower), not a target figure",
                 )
+                if spy is not None:
+                    spy.wait(timeout=60)
             finally:
+                if spy is not None and spy.poll() is None:
+                    spy.kill()
                 self.stop_server(server)
+            if profiler == "py-spy" and raw.exists():
+                sampler.from_py_spy(raw, out, PY_SPY_RATE)
             if not out.exists():
                 self.report.notes.append(f"profile of {name} was not written")
                 continue
-            text = profile_summary(out) if use_cprofile else sampler.summarize(out)
+            text = profile_summary(out) if profiler == "cprofile" else sampler.summarize(out)
             (RESULTS_DIR / f"profile_{name}.txt").write_text(text)
             self.report.profiles[name] = text
             say(f"bench: profile of {name} -> bench/results/profile_{name}.txt")

@@ -1,15 +1,20 @@
 """`python -m bench.sampler OUT.json serve ...`: the real server under a stack sampler.
 
-py-spy and pyinstrument are not installed, and cProfile's cumulative times are wrong for
-this server: SQLAlchemy's asyncio layer runs the ORM inside greenlets, and a greenlet
-switch looks to cProfile like a call that never returns, so coroutine frames collect wall
-time (cumulative shares above 100%). This sampler takes a wall-clock SIGALRM every
-BENCH_SAMPLE_MS (default 2); the handler runs on the main thread at the interrupted
-bytecode and records its stack, plus, inside a SQLAlchemy greenlet, the stack of the
-coroutine that spawned it (greenlet frames are not linked to their parent's), so
-inclusive time per function is right. A sample whose top frame is selectors' select() is
-the event loop waiting (idle). SIGUSR1 clears the samples (sent when the measured load
-starts). At exit the counted stacks go to OUT.json; `summarize` turns them into text.
+cProfile's cumulative times are wrong for this server: SQLAlchemy's asyncio layer runs the
+ORM inside greenlets, and a greenlet switch looks to cProfile like a call that never
+returns, so coroutine frames collect wall time (cumulative shares above 100%). This
+sampler takes a wall-clock SIGALRM every BENCH_SAMPLE_MS (default 2); the handler runs on
+the main thread at the interrupted bytecode and records its stack, plus, inside a
+SQLAlchemy greenlet, the stack of the coroutine that spawned it (greenlet frames are not
+linked to their parent's), so inclusive time per function is right. A sample whose top
+frame is selectors' select() is the event loop waiting (idle). SIGUSR1 clears the samples
+(sent when the measured load starts). At exit the counted stacks go to OUT.json;
+`summarize` turns them into text.
+
+py-spy (BENCH_PROFILER=py-spy) samples from outside the process, with no code in it;
+it does not link greenlet frames to their coroutine, so SQLAlchemy time shows under the
+greenlet instead of the capi_server function that ran the query. `from_py_spy` converts
+its raw output to the same JSON, so both print the same summary.
 """
 
 from __future__ import annotations
@@ -79,6 +84,24 @@ _AREAS = (
     ("uuid", "/uuid.py"),
     ("capi_server", "/capi_server/"),
 )
+
+
+def from_py_spy(raw: Path, out: Path, rate: int) -> None:
+    """py-spy's `--format raw --full-filenames` stacks (root first, "func (file:line)")
+    of the main thread, as the sampler's JSON (top frame first)."""
+    stacks: Counter[tuple[Frame, ...]] = Counter()
+    for line in raw.read_text().splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not count.isdigit() or "_run_module_as_main" not in stack_text:
+            continue  # another thread (grpc's poller, the metrics endpoint)
+        frames: list[Frame] = []
+        for text in stack_text.split(";"):
+            name, _, where = text.rpartition(" (")
+            filename, _, number = where.rstrip(")").rpartition(":")
+            frames.append((filename, int(number) if number.isdigit() else 0, name))
+        stacks[tuple(reversed(frames))] += int(count)
+    rows = [[[list(f) for f in stack], count] for stack, count in stacks.items()]
+    out.write_text(json.dumps({"interval": 1 / rate, "stacks": rows}))
 
 
 def _area(filename: str) -> str:
