@@ -184,9 +184,10 @@ def hot_queries(
         ),
         HotQuery(
             "Claim UPDATE",
-            "events_repo.claim_level (SendConversion new events)",
-            "UPDATE dialog_analysis SET capi_qualified_event_id = 'bench-explain', "
-            "updated_at = now() WHERE dialog_analysis.id = %(i)s "
+            "events_repo.claim_levels (SendConversion new events)",
+            "UPDATE dialog_analysis SET capi_qualified_event_id = CASE dialog_analysis.id "
+            "WHEN %(i)s THEN 'bench-explain' END, updated_at = now() "
+            "WHERE dialog_analysis.id IN (%(i)s) "
             "AND dialog_analysis.capi_qualified_event_id IS NULL RETURNING dialog_analysis.id",
             {"i": dialog_id},
             mutates=True,

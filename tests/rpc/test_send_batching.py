@@ -97,13 +97,13 @@ async def test_an_event_the_database_rejects_fails_alone(
     stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup = await whatsapp_direction(stubs)
-    real_insert = events_repo.insert_log_row
+    real_insert = events_repo.insert_log_rows
     poisoned: set[int] = set()
 
-    async def insert_rejecting(session: Any, **values: Any) -> int:
-        if values["dialog_id"] in poisoned:
+    async def insert_rejecting(session: Any, rows: Any) -> list[int]:
+        if any(values["dialog_id"] in poisoned for values in rows):
             raise IntegrityError("INSERT", {}, Exception("rejected"))
-        return await real_insert(session, **values)
+        return await real_insert(session, rows)
 
     # The dialog of phone(9) exists first, so its id is known.
     ninth = await stubs.sender.SendConversion(
@@ -112,7 +112,7 @@ async def test_an_event_the_database_rejects_fails_alone(
         )
     )
     poisoned.add(int(ninth.dialog_id))
-    monkeypatch.setattr(events_repo, "insert_log_row", insert_rejecting)
+    monkeypatch.setattr(events_repo, "insert_log_rows", insert_rejecting)
     service = stubs.app.sender
     from capi_server.domain.levels import Level
     from capi_server.services.sender import DialogRef, SendOptions

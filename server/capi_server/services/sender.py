@@ -18,7 +18,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -134,6 +134,68 @@ class PlannedSend:
     report: SendReport
     key: tuple[str, str, str | None] | None = None  # (pixel, token, test code) to send with
     claimed: list[ClaimedEvent] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _PendingClaim:
+    """A level to claim in the batch's UPDATE, with the pending log row it gets."""
+
+    dialog: DialogAnalysisRow
+    level: Level
+    name: str
+    event_id: str
+    event_time: datetime
+    payload: dict[str, Any]
+    direction_id: int
+    row: dict[str, Any]
+    won: bool = False
+    log_id: int | None = None
+    lost: EventOutcome | None = None  # what another call's earlier claim says instead
+
+
+@dataclass(slots=True)
+class _LevelStep:
+    """One level of one item: an outcome as it stands, plus a skipped row to write or the
+    claim it made (`owner`) or shares (the same level twice in one batch)."""
+
+    outcome: EventOutcome
+    row: dict[str, Any] | None = None
+    claim: _PendingClaim | None = None
+    owner: bool = False
+    log_id: int | None = None
+
+    def log_row(self) -> dict[str, Any]:
+        row = self.row if self.row is not None else self.claim.row if self.claim else None
+        assert row is not None
+        return row
+
+
+def _report(steps: Sequence[_LevelStep]) -> tuple[SendReport, list[ClaimedEvent]]:
+    """An item's report and the events it claimed, once `_apply` has run."""
+    report = SendReport(dialog_id=0)
+    claimed: list[ClaimedEvent] = []
+    for step in steps:
+        claim = step.claim
+        if claim is not None and claim.lost is not None:
+            report.outcomes.append(claim.lost)
+            continue
+        log_id = step.log_id if claim is None or step.owner else claim.log_id
+        report.outcomes.append(replace(step.outcome, log_id=log_id or step.outcome.log_id))
+        if step.owner and claim is not None:
+            assert claim.log_id is not None
+            claimed.append(
+                ClaimedEvent(
+                    claim.log_id,
+                    claim.dialog.id,
+                    claim.level,
+                    claim.name,
+                    claim.event_id,
+                    claim.event_time,
+                    claim.payload,
+                    direction_id=claim.direction_id,
+                )
+            )
+    return report, claimed
 
 
 @dataclass
@@ -413,7 +475,8 @@ class SenderService:
                 to_plan.append((dialog_id, i, event_time, email))
             # Held in a local: the session's identity map only keeps rows referenced.
             loaded = await dialogs_repo.load_dialogs_and_leads(session, {p[0] for p in to_plan})
-            # Claims in dialog id order: two batches (two replicas) cannot deadlock.
+            claims: dict[tuple[int, Level], _PendingClaim] = {}
+            planned: list[tuple[int, DialogContext, SendItem, list[_LevelStep]]] = []
             for dialog_id, i, event_time, email in sorted(to_plan, key=lambda p: p[:2]):
                 item = items[i]
                 try:
@@ -422,12 +485,19 @@ class SenderService:
                         raise ctx.token_error
                     if email and ctx.lead.email != email:
                         ctx.lead.email = email
-                    report, claimed = await self._plan(
-                        session, ctx, item.level, event_time, item.options, now
+                    steps = await self._plan(
+                        session, ctx, item.level, event_time, item.options, now, claims
                     )
                 except DomainError as exc:
                     results[i] = exc
                     continue
+                for step in steps:
+                    if step.owner and step.claim is not None:
+                        claims[(dialog_id, step.claim.level)] = step.claim
+                planned.append((i, ctx, item, steps))
+            reports = await self._apply(session, [p[3] for p in planned], claims, now)
+            for (i, ctx, item, _), (report, claimed) in zip(planned, reports, strict=True):
+                report.dialog_id = ctx.dialog.id
                 key = None
                 if claimed:
                     assert ctx.direction.pixel_id and ctx.access_token
@@ -601,13 +671,14 @@ class SenderService:
         event_time: datetime,
         options: SendOptions,
         now: datetime,
-    ) -> tuple[SendReport, list[ClaimedEvent]]:
-        report = SendReport(dialog_id=ctx.dialog.id)
-        claimed: list[ClaimedEvent] = []
+        batch_claims: dict[tuple[int, Level], _PendingClaim],
+    ) -> list[_LevelStep]:
+        """What to do for `level` and every lower level; claims are made by `_apply`."""
+        steps: list[_LevelStep] = []
         skip = self._skip_reason(ctx)
         dry_run = options.dry_run or self.config.dry_run
         test_code = options.test_event_code or ctx.direction.capi.test_event_code
-        common = {
+        common: dict[str, Any] = {
             "direction_id": ctx.direction_id,
             "dialog_id": ctx.dialog.id,
             "lead_id": ctx.lead.id,
@@ -619,25 +690,23 @@ class SenderService:
         for lvl in level.with_lower():
             name = ctx.direction.capi.event_name(lvl)
             if getattr(ctx.dialog, f"capi_{lvl.column}_event_id"):
-                report.outcomes.append(await self.existing_outcome(session, ctx.dialog, lvl, name))
+                steps.append(
+                    _LevelStep(await self.existing_outcome(session, ctx.dialog, lvl, name))
+                )
                 continue
             if skip is not None:
                 reason, hint = skip
-                log_id = await events_repo.insert_log_row(
-                    session,
-                    level=int(lvl),
-                    event_name=name,
-                    status=EventStatus.SKIPPED.value,
-                    error_message=reason,
-                    hint=hint or None,
-                    event_time=event_time,
+                row: dict[str, Any] = {
+                    "level": int(lvl),
+                    "event_name": name,
+                    "status": EventStatus.SKIPPED.value,
+                    "error_message": reason,
+                    "hint": hint or None,
+                    "event_time": event_time,
                     **common,
-                )
-                report.outcomes.append(
-                    EventOutcome(
-                        lvl, name, SendOutcome.SKIPPED, reason=reason, hint=hint, log_id=log_id
-                    )
-                )
+                }
+                outcome = EventOutcome(lvl, name, SendOutcome.SKIPPED, reason=reason, hint=hint)
+                steps.append(_LevelStep(outcome, row=row))
                 continue
             event_id = event_id_for(str(ctx.dialog.id), lvl)
             try:
@@ -647,68 +716,97 @@ class SenderService:
                     "value" if options.value else "dialog_id", str(exc)
                 ) from None
             if dry_run:
-                log_id = await events_repo.insert_log_row(
-                    session,
-                    level=int(lvl),
-                    event_name=name,
-                    event_id=event_id,
-                    status=EventStatus.SKIPPED.value,
-                    error_message=ev.REASON_DRY_RUN,
-                    payload=payload,
-                    event_time=event_time,
+                row = {
+                    "level": int(lvl),
+                    "event_name": name,
+                    "event_id": event_id,
+                    "status": EventStatus.SKIPPED.value,
+                    "error_message": ev.REASON_DRY_RUN,
+                    "payload": payload,
+                    "event_time": event_time,
                     **common,
+                }
+                outcome = EventOutcome(
+                    lvl, name, SendOutcome.SKIPPED, event_id=event_id, reason=ev.REASON_DRY_RUN
                 )
-                report.outcomes.append(
-                    EventOutcome(
-                        lvl,
-                        name,
-                        SendOutcome.SKIPPED,
-                        event_id=event_id,
-                        reason=ev.REASON_DRY_RUN,
-                        log_id=log_id,
-                    )
-                )
+                steps.append(_LevelStep(outcome, row=row))
                 continue
-            if not await events_repo.claim_level(session, ctx.dialog.id, lvl, event_id):
-                # Another call claimed it between our read and our update.
-                await session.refresh(ctx.dialog)
-                report.outcomes.append(await self.existing_outcome(session, ctx.dialog, lvl, name))
-                continue
-            log_id = await events_repo.insert_log_row(
-                session,
-                level=int(lvl),
-                event_name=name,
-                event_id=event_id,
-                status=EventStatus.PENDING.value,
-                payload=payload,
-                event_time=event_time,
-                next_attempt_at=now,
-                locked_until=now + timedelta(seconds=self.config.lease_seconds),
-                **common,
-            )
-            claimed.append(
-                ClaimedEvent(
-                    log_id,
-                    ctx.dialog.id,
-                    lvl,
-                    name,
-                    event_id,
-                    event_time,
-                    payload,
-                    direction_id=ctx.direction_id,
-                )
-            )
-            report.outcomes.append(
-                EventOutcome(
+            pending = batch_claims.get((ctx.dialog.id, lvl))
+            if pending is not None:
+                # The same level asked for twice in one batch: the first call claims it.
+                outcome = EventOutcome(
                     lvl,
                     name,
                     SendOutcome.QUEUED,
                     event_id=event_id,
-                    reason="claimed",
-                    log_id=log_id,
+                    reason="already queued for sending",
                 )
+                steps.append(_LevelStep(outcome, claim=pending))
+                continue
+            claim = _PendingClaim(
+                ctx.dialog,
+                lvl,
+                name,
+                event_id,
+                event_time,
+                payload,
+                ctx.direction_id,
+                row={
+                    "level": int(lvl),
+                    "event_name": name,
+                    "event_id": event_id,
+                    "status": EventStatus.PENDING.value,
+                    "payload": payload,
+                    "event_time": event_time,
+                    "next_attempt_at": now,
+                    "locked_until": now + timedelta(seconds=self.config.lease_seconds),
+                    **common,
+                },
             )
-        return report, claimed
+            outcome = EventOutcome(
+                lvl, name, SendOutcome.QUEUED, event_id=event_id, reason="claimed"
+            )
+            steps.append(_LevelStep(outcome, claim=claim, owner=True))
+        return steps
+
+    async def _apply(
+        self,
+        session: Any,
+        plans: Sequence[list[_LevelStep]],
+        claims: dict[tuple[int, Level], _PendingClaim],
+        now: datetime,
+    ) -> list[tuple[SendReport, list[ClaimedEvent]]]:
+        """Makes the batch's claims (one UPDATE per level) and writes its log rows (one
+        INSERT per kind of row), then turns each item's steps into its report."""
+        # Leads first (a new email), then dialogs: the order every writer of both rows
+        # uses (ensure_dialogs, the CRM's linking), so concurrent calls cannot deadlock.
+        await session.flush()
+        by_level: dict[Level, dict[int, str]] = defaultdict(dict)
+        for (dialog_id, lvl), claim in claims.items():
+            by_level[lvl][dialog_id] = claim.event_id
+        for lvl in sorted(by_level):
+            won = await events_repo.claim_levels(session, lvl, by_level[lvl], now)
+            for dialog_id in by_level[lvl]:
+                claims[(dialog_id, lvl)].won = dialog_id in won
+        for claim in claims.values():
+            if not claim.won:
+                # Another call claimed it between our read and our update.
+                await session.refresh(claim.dialog)
+                claim.lost = await self.existing_outcome(
+                    session, claim.dialog, claim.level, claim.name
+                )
+        writes: list[_LevelStep] = [
+            step
+            for steps in plans
+            for step in steps
+            if step.row is not None or (step.owner and step.claim is not None and step.claim.won)
+        ]
+        log_ids = await events_repo.insert_log_rows(session, [step.log_row() for step in writes])
+        for step, log_id in zip(writes, log_ids, strict=True):
+            step.log_id = log_id
+            if step.owner and step.claim is not None:
+                step.claim.log_id = log_id
+        return [_report(steps) for steps in plans]
 
     async def existing_outcome(
         self, session: Any, dialog: DialogAnalysisRow, level: Level, name: str

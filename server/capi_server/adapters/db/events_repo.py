@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import Table, and_, case, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from capi_server.adapters.db.orm import CapiEventLogRow, DialogAnalysisRow, utcnow
@@ -24,17 +24,47 @@ def _event_id_column(level: Level) -> Any:
     return getattr(DialogAnalysisRow, f"capi_{level.column}_event_id")
 
 
-async def claim_level(session: AsyncSession, dialog_id: int, level: Level, event_id: str) -> bool:
-    """Set capi_<level>_event_id where it is still NULL: the database decides the race."""
-    column = _event_id_column(level)
-    result = await session.execute(
-        update(DialogAnalysisRow)
-        .where(DialogAnalysisRow.id == dialog_id, column.is_(None))
-        .values({column: event_id, DialogAnalysisRow.updated_at: utcnow()})
-        .returning(DialogAnalysisRow.id)
-        .execution_options(synchronize_session=False)
+async def claim_levels(
+    session: AsyncSession, level: Level, event_ids: dict[int, str], now: datetime
+) -> set[int]:
+    """Sets capi_<level>_event_id where it is still NULL, for many dialogs
+    ({dialog_id: event_id}) in one UPDATE: the database decides each race. Returns the
+    dialog ids claimed by this call (the others were claimed before)."""
+    if not event_ids:
+        return set()
+    table: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
+    column = table.c[f"capi_{level.column}_event_id"]
+    result = await (await session.connection()).execute(
+        update(table)
+        .where(table.c.id.in_(sorted(event_ids)), column.is_(None))
+        .values({column: case(event_ids, value=table.c.id), table.c.updated_at: now})
+        .returning(table.c.id)
     )
-    return result.first() is not None
+    return {row[0] for row in result}
+
+
+async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """capi_events_log rows by Core INSERT ... RETURNING id (no ORM flush); their ids, in
+    order. Rows with the same columns go in one multi-row statement."""
+    table = CapiEventLogRow.__table__
+    ids: list[int] = [0] * len(rows)
+    by_columns: dict[frozenset[str], list[int]] = {}
+    for i, values in enumerate(rows):
+        by_columns.setdefault(frozenset(values), []).append(i)
+    connection = await session.connection()
+    for indexes in by_columns.values():
+        params = []
+        for i in indexes:
+            values = dict(rows[i])
+            now = values.pop("now", None) or utcnow()
+            params.append({"created_at": now, "updated_at": now, "attempts": 0, **values})
+        result = await connection.execute(
+            insert(table).returning(table.c.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
+            params,
+        )
+        for i, row in zip(indexes, result, strict=True):
+            ids[i] = int(row[0])
+    return ids
 
 
 def add_log_row(session: AsyncSession, **values: Any) -> CapiEventLogRow:
@@ -42,18 +72,6 @@ def add_log_row(session: AsyncSession, **values: Any) -> CapiEventLogRow:
     row = CapiEventLogRow(created_at=now, updated_at=now, attempts=0, **values)
     session.add(row)
     return row
-
-
-async def insert_log_row(session: AsyncSession, **values: Any) -> int:
-    """One capi_events_log row by a Core INSERT ... RETURNING id (no ORM flush)."""
-    now = values.pop("now", None) or utcnow()
-    table = CapiEventLogRow.__table__
-    result = await session.execute(
-        insert(table)  # type: ignore[arg-type]
-        .values(created_at=now, updated_at=now, attempts=0, **values)
-        .returning(table.c.id)
-    )
-    return int(result.scalar_one())
 
 
 async def latest_log_row(
