@@ -495,7 +495,9 @@ class SenderService:
                     if step.owner and step.claim is not None:
                         claims[(dialog_id, step.claim.level)] = step.claim
                 planned.append((i, ctx, item, steps))
-            reports = await self._apply(session, [p[3] for p in planned], claims, now)
+            reports = (
+                await self._apply(session, [p[3] for p in planned], claims, now) if planned else []
+            )
             for (i, ctx, item, _), (report, claimed) in zip(planned, reports, strict=True):
                 report.dialog_id = ctx.dialog.id
                 key = None

@@ -46,6 +46,8 @@ async def claim_levels(
 async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
     """capi_events_log rows by Core INSERT ... RETURNING id (no ORM flush); their ids, in
     order. Rows with the same columns go in one multi-row statement."""
+    if not rows:
+        return []
     table = CapiEventLogRow.__table__
     ids: list[int] = [0] * len(rows)
     by_columns: dict[frozenset[str], list[int]] = {}
