@@ -89,6 +89,13 @@ class HotCache:
         self._directions.clear()
         self._instances.clear()
 
+    def cached_direction(self, direction_id: int) -> DirectionSnapshot | None:
+        """The direction's snapshot while it is fresh, else None (read it with a session)."""
+        cached = self._directions.get(direction_id)
+        if cached and cached[0] > self.clock():
+            return cached[1]
+        return None
+
     async def direction(
         self,
         session: Any,

@@ -243,6 +243,14 @@ class SenderService:
 
     # -- resolving a dialog -------------------------------------------------------------
 
+    async def direction(self, direction_id: int) -> DirectionSnapshot:
+        """A direction's snapshot; a session (a connection) only when it is not cached."""
+        cached = self.cache.cached_direction(direction_id)
+        if cached is not None:
+            return cached
+        async with self.db.session() as session:
+            return await self.cache.direction(session, direction_id=direction_id)
+
     async def resolve_dialog(
         self, session: Any, ref: DialogRef, *, create: bool
     ) -> tuple[DirectionSnapshot, DialogKeys | None]:

@@ -359,42 +359,42 @@ class WhatsAppService:
 
     async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
         # The dialog row (read now, with the other calls' rows) and the (cached) direction
-        # are all the decision needs; the session below reads only when the LLM is called.
+        # are all the decision needs; the messages are read only when the LLM is called.
         dialog = await self._dialog_reader.submit(dialog_id)
-        async with self.db.session() as session:
-            snapshot = await self.sender.cache.direction(session, direction_id=dialog.direction_id)
-            result = AnalysisResult(dialog_id=dialog.id)
-            capi = snapshot.direction.capi
-            if not capi.enabled:
-                result.skipped_reason = "CAPI disabled for the direction"
-                return result
-            if capi.source is CapiSource.CRM:
-                result.skipped_reason = "direction source is crm"
-                return result
-            log.info(
-                "[qualificationAgent] Starting qualification analysis",
-                extra={"dialogId": dialog.id},
-            )
-            rule = interest_reached(
-                [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
-            )
-            prompt = snapshot.direction.qualification_prompt
-            nothing_new = dialog.client_message_count <= dialog.analyzed_client_message_count
-            upper_sent = bool(dialog.capi_qualified_event_id and dialog.capi_scheduled_event_id)
-            skip_llm = ""
-            if self.llm is None:
-                skip_llm = REASON_LLM_NOT_CONFIGURED
-            elif not prompt:
-                skip_llm = REASON_NO_PROMPT
-            elif upper_sent:
-                skip_llm = REASON_ALL_SENT
-            elif nothing_new and not force and dialog.analyzed_at is not None:
-                skip_llm = REASON_NOTHING_NEW
-            elif dialog.client_message_count == 0:
-                skip_llm = "no client message yet"
-            analysis: LlmAnalysis | None = None
-            messages: list[DialogMessage] = []
-            if not skip_llm:
+        snapshot = await self.sender.direction(dialog.direction_id)
+        result = AnalysisResult(dialog_id=dialog.id)
+        capi = snapshot.direction.capi
+        if not capi.enabled:
+            result.skipped_reason = "CAPI disabled for the direction"
+            return result
+        if capi.source is CapiSource.CRM:
+            result.skipped_reason = "direction source is crm"
+            return result
+        log.info(
+            "[qualificationAgent] Starting qualification analysis",
+            extra={"dialogId": dialog.id},
+        )
+        rule = interest_reached(
+            [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
+        )
+        prompt = snapshot.direction.qualification_prompt
+        nothing_new = dialog.client_message_count <= dialog.analyzed_client_message_count
+        upper_sent = bool(dialog.capi_qualified_event_id and dialog.capi_scheduled_event_id)
+        skip_llm = ""
+        if self.llm is None:
+            skip_llm = REASON_LLM_NOT_CONFIGURED
+        elif not prompt:
+            skip_llm = REASON_NO_PROMPT
+        elif upper_sent:
+            skip_llm = REASON_ALL_SENT
+        elif nothing_new and not force and dialog.analyzed_at is not None:
+            skip_llm = REASON_NOTHING_NEW
+        elif dialog.client_message_count == 0:
+            skip_llm = "no client message yet"
+        analysis: LlmAnalysis | None = None
+        messages: list[DialogMessage] = []
+        if not skip_llm:
+            async with self.db.session() as session:
                 rows = (
                     await session.execute(
                         select(DialogMessageRow)
@@ -407,15 +407,15 @@ class WhatsAppService:
                     DialogMessage(r.message_id, r.from_me, r.text, int(r.sent_at.timestamp()))
                     for r in reversed(list(rows))
                 ]
-            analyzed_count = dialog.client_message_count
-            held_levels: dict[str, Any] = dict(dialog.held_levels or {})
-            stored_flags = {
-                Level.QUALIFIED: dialog.is_qualified,
-                Level.SCHEDULED: dialog.is_scheduled,
-            }
-            stored_analysis: dict[str, Any] = dict(dialog.analysis or {})
-            threshold = capi.review_confidence_threshold
-            last_message_at = dialog.last_message_at
+        analyzed_count = dialog.client_message_count
+        held_levels: dict[str, Any] = dict(dialog.held_levels or {})
+        stored_flags = {
+            Level.QUALIFIED: dialog.is_qualified,
+            Level.SCHEDULED: dialog.is_scheduled,
+        }
+        stored_analysis: dict[str, Any] = dict(dialog.analysis or {})
+        threshold = capi.review_confidence_threshold
+        last_message_at = dialog.last_message_at
         # The LLM call runs outside any database transaction.
         if not skip_llm:
             assert self.llm is not None and prompt is not None
