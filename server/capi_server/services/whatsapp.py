@@ -133,7 +133,7 @@ class WhatsAppService:
             self._store_batch, max_batch=MAX_INGEST_BATCH
         )
         # Concurrent AnalyzeDialog calls read their dialog rows in one query.
-        self._dialog_reader: Batcher[int, DialogAnalysisRow] = Batcher(
+        self._dialog_reader: Batcher[int, dialogs_repo.DialogState] = Batcher(
             self._read_dialogs,
             max_batch=MAX_INGEST_BATCH,  # also the most calls in flight
         )
@@ -338,21 +338,14 @@ class WhatsAppService:
         if not task.cancelled():
             task.exception()  # seen, even when every caller has gone
 
-    async def _read_dialogs(self, dialog_ids: list[int]) -> list[DialogAnalysisRow | Exception]:
-        """The dialog rows of concurrent AnalyzeDialog calls, in one query."""
+    async def _read_dialogs(
+        self, dialog_ids: list[int]
+    ) -> list[dialogs_repo.DialogState | Exception]:
+        """The dialog states of concurrent AnalyzeDialog calls, in one query."""
         async with self.db.session() as session:
-            rows = {
-                row.id: row
-                for row in (
-                    await session.execute(
-                        select(DialogAnalysisRow).where(
-                            DialogAnalysisRow.id.in_(sorted(set(dialog_ids)))
-                        )
-                    )
-                ).scalars()
-            }
+            states = await dialogs_repo.dialog_states(session, dialog_ids)
         return [
-            rows.get(dialog_id)
+            states.get(dialog_id)
             or NotFound(f"dialog {dialog_id} not found", reason="DIALOG_NOT_FOUND")
             for dialog_id in dialog_ids
         ]

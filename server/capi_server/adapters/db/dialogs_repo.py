@@ -256,6 +256,37 @@ async def load_dialogs_and_leads(
 
 
 @dataclass(frozen=True, slots=True)
+class DialogState:
+    """What AnalyzeDialog decides from: a dialog's counters, flags and last analysis."""
+
+    id: int
+    direction_id: int
+    client_message_count: int
+    analyzed_client_message_count: int
+    capi_qualified_event_id: str | None
+    capi_scheduled_event_id: str | None
+    is_qualified: bool
+    is_scheduled: bool
+    held_levels: dict[str, Any] | None
+    analysis: dict[str, Any] | None
+    analyzed_at: datetime | None
+    last_message_at: datetime | None
+
+
+_DIALOG_STATES = select(*(_DIALOGS.c[name] for name in DialogState.__dataclass_fields__)).where(
+    _DIALOGS.c.id.in_(bindparam("ids", expanding=True))
+)
+
+
+async def dialog_states(
+    session: AsyncSession, dialog_ids: Collection[int]
+) -> dict[int, DialogState]:
+    """The states of the dialogs that exist, in one query (no ORM objects: read only)."""
+    rows = await session.execute(_DIALOG_STATES, {"ids": sorted(set(dialog_ids))})
+    return {row.id: DialogState(*row) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     dialog_id: int
     message_id: str
