@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -142,3 +143,45 @@ async def test_an_event_the_database_rejects_fails_alone(
         ).all()
     # 9 dialogs x levels 1-2, plus the first level-1 event of phone(9); nothing half-written.
     assert len(rows) == 9 * 2 + 1
+
+
+async def test_an_already_sent_level_is_answered_from_the_cache_without_the_database(
+    database_url: str, graph: FakeGraph
+) -> None:
+    s = await start_stubs(
+        make_settings(database_url, meta_graph_url=graph.base_url, settings_cache_seconds=60)
+    )
+    try:
+        setup = await whatsapp_direction(s)
+        request = pb.SendConversionRequest(
+            instance_name=setup.instance_name, contact_phone=phone(1), level=res.LEVEL_INTEREST
+        )
+        first = await s.sender.SendConversion(request)
+        assert [e.outcome for e in first.events] == [res.SEND_OUTCOME_SENT]
+        statements: list[str] = []
+
+        def count(*args: Any) -> None:
+            statements.append(str(args[2]))
+
+        sa_event.listen(s.app.db.engine.sync_engine, "before_cursor_execute", count)
+        batches = s.app.sender._planner.batches
+        again = await s.sender.SendConversion(request)
+        by_id = await s.sender.SendConversion(
+            pb.SendConversionRequest(dialog_id=first.dialog_id, level=res.LEVEL_INTEREST)
+        )
+        assert [e.outcome for e in again.events] == [res.SEND_OUTCOME_ALREADY_SENT]
+        assert again.events[0].event_id == first.events[0].event_id
+        assert by_id.events == again.events and by_id.dialog_id == first.dialog_id
+        assert statements == []
+        assert s.app.sender._planner.batches == batches  # answered before any batch
+        # Bad input is still refused, even for a level already sent.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await s.sender.SendConversion(
+                pb.SendConversionRequest(
+                    dialog_id=first.dialog_id, level=res.LEVEL_INTEREST, currency="dollars"
+                )
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(graph.events()) == 1
+    finally:
+        await stop_stubs(s)

@@ -89,10 +89,17 @@ class HotCache:
         self._directions.clear()
         self._instances.clear()
 
-    def cached_direction(self, direction_id: int) -> DirectionSnapshot | None:
+    def cached_direction(
+        self, direction_id: int | None = None, instance_name: str | None = None
+    ) -> DirectionSnapshot | None:
         """The direction's snapshot while it is fresh, else None (read it with a session)."""
-        cached = self._directions.get(direction_id)
-        if cached and cached[0] > self.clock():
+        now = self.clock()
+        if direction_id is None and instance_name is not None:
+            cached_id = self._instances.get(instance_name)
+            if cached_id and cached_id[0] > now:
+                direction_id = cached_id[1]
+        cached = self._directions.get(direction_id) if direction_id is not None else None
+        if cached and cached[0] > now:
             return cached[1]
         return None
 

@@ -57,7 +57,7 @@ from capi_server.domain.payloads import (
     is_too_old,
 )
 from capi_server.services.batching import Batcher
-from capi_server.services.hot_cache import DirectionSnapshot, HotCache
+from capi_server.services.hot_cache import DirectionSnapshot, HotCache, SentLevel
 
 log = logging.getLogger("capi_server.sender")
 
@@ -168,6 +168,27 @@ class _LevelStep:
         row = self.row if self.row is not None else self.claim.row if self.claim else None
         assert row is not None
         return row
+
+
+def _sent_report(
+    dialog_id: int, level: Level, sent: dict[Level, SentLevel], snapshot: DirectionSnapshot
+) -> SendReport:
+    """ALREADY_SENT for `level` and every lower level, from what is known sent."""
+    names = snapshot.direction.capi
+    return SendReport(
+        dialog_id=dialog_id,
+        outcomes=[
+            EventOutcome(
+                lvl,
+                names.event_name(lvl),
+                SendOutcome.ALREADY_SENT,
+                event_id=sent[lvl].event_id,
+                reason="already sent",
+                sent_at=sent[lvl].sent_at,
+            )
+            for lvl in level.with_lower()
+        ],
+    )
 
 
 def _report(steps: Sequence[_LevelStep]) -> tuple[SendReport, list[ClaimedEvent]]:
@@ -362,29 +383,45 @@ class SenderService:
 
     async def _already_sent(self, session: Any, dialog_id: int, level: Level) -> SendReport | None:
         """Every requested level is known to be sent: answer without reading the dialog."""
-        known = self.cache.sent_levels(dialog_id)
+        known = self._known_sent(dialog_id, level)
         if known is None:
             return None
-        direction_id, sent = known
-        levels = level.with_lower()
-        if any(level not in sent for level in levels):
+        snapshot = await self.cache.direction(session, direction_id=known[0])
+        return _sent_report(dialog_id, level, known[1], snapshot)
+
+    def _known_sent(
+        self, dialog_id: int, level: Level
+    ) -> tuple[int, dict[Level, SentLevel]] | None:
+        """(direction_id, sent levels) when `level` and every lower level are known sent."""
+        known = self.cache.sent_levels(dialog_id)
+        if known is None or any(lvl not in known[1] for lvl in level.with_lower()):
             return None
-        snapshot = await self.cache.direction(session, direction_id=direction_id)
-        names = snapshot.direction.capi
-        return SendReport(
-            dialog_id=dialog_id,
-            outcomes=[
-                EventOutcome(
-                    level,
-                    names.event_name(level),
-                    SendOutcome.ALREADY_SENT,
-                    event_id=sent[level].event_id,
-                    reason="already sent",
-                    sent_at=sent[level].sent_at,
-                )
-                for level in levels
-            ],
-        )
+        return known
+
+    def _answer_from_cache(self, item: SendItem, now: datetime) -> SendReport | None:
+        """The answer for an item whose levels are all known sent, from the caches alone
+        (no session, no batch); None when anything it needs is not cached."""
+        options = item.options
+        if options.dry_run or options.email:
+            return None
+        self._check_event_time(options.event_time or now, now)
+        self._check_options(options)
+        ref = item.ref
+        dialog_id = ref.dialog_id
+        if dialog_id is None:
+            named = self.cache.cached_direction(ref.direction_id, ref.instance_name)
+            if named is None or not ref.contact_phone:
+                return None
+            phone = normalize_contact(ref.contact_phone, named.default_region)
+            keys = self.cache.dialog_keys(named.direction_id, phone)
+            if keys is None:
+                return None
+            dialog_id = keys.dialog_id
+        known = self._known_sent(dialog_id, item.level)
+        snapshot = self.cache.cached_direction(known[0]) if known else None
+        if known is None or snapshot is None:
+            return None
+        return _sent_report(dialog_id, item.level, known[1], snapshot)
 
     # -- SendConversion -----------------------------------------------------------------
 
@@ -403,7 +440,12 @@ class SenderService:
         Concurrent calls are claimed in one transaction (group commit); their events then
         share Graph requests per pixel.
         """
-        planned = await self._planner.submit(SendItem(ref, level, options))
+        item = SendItem(ref, level, options)
+        answered = self._answer_from_cache(item, self.clock())
+        if answered is not None:
+            metrics.observe_planned(answered.outcomes)
+            return answered
+        planned = await self._planner.submit(item)
         (result,) = await self._deliver_planned([planned])
         if isinstance(result, DomainError):
             raise result
