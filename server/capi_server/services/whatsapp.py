@@ -342,8 +342,8 @@ class WhatsAppService:
         self, dialog_ids: list[int]
     ) -> list[dialogs_repo.DialogState | Exception]:
         """The dialog states of concurrent AnalyzeDialog calls, in one query."""
-        async with self.db.session() as session:
-            states = await dialogs_repo.dialog_states(session, dialog_ids)
+        async with self.db.reader() as connection:
+            states = await dialogs_repo.dialog_states(connection, dialog_ids)
         return [
             states.get(dialog_id)
             or NotFound(f"dialog {dialog_id} not found", reason="DIALOG_NOT_FOUND")
@@ -363,10 +363,6 @@ class WhatsAppService:
         if capi.source is CapiSource.CRM:
             result.skipped_reason = "direction source is crm"
             return result
-        log.info(
-            "[qualificationAgent] Starting qualification analysis",
-            extra={"dialogId": dialog.id},
-        )
         rule = interest_reached(
             [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
         )
@@ -387,6 +383,12 @@ class WhatsAppService:
         analysis: LlmAnalysis | None = None
         messages: list[DialogMessage] = []
         if not skip_llm:
+            # Logged when there is an analysis to start; the "complete" line below is
+            # logged for every call, with the reason when the LLM was not asked.
+            log.info(
+                "[qualificationAgent] Starting qualification analysis",
+                extra={"dialogId": dialog.id},
+            )
             async with self.db.session() as session:
                 rows = (
                     await session.execute(
@@ -465,6 +467,7 @@ class WhatsAppService:
                 "isQualified": decisions[Level.QUALIFIED].reached,
                 "isScheduled": decisions[Level.SCHEDULED].reached,
                 "llmCalled": result.llm_called,
+                "llmSkippedReason": result.llm_skipped_reason,
             },
         )
         if target is not None:

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -131,6 +132,14 @@ class Database:
         self.engine = engine
         self.dialect = engine.dialect.name
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Read-only batches need no transaction: no BEGIN and no ROLLBACK round trips.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads that need no transaction (each statement on its own)."""
+        async with self._autocommit.connect() as connection:
+            yield connection
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

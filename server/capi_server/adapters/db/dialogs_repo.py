@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from capi_server.adapters.db.orm import (
     AdAccountRow,
@@ -279,10 +279,10 @@ _DIALOG_STATES = select(*(_DIALOGS.c[name] for name in DialogState.__dataclass_f
 
 
 async def dialog_states(
-    session: AsyncSession, dialog_ids: Collection[int]
+    connection: AsyncConnection, dialog_ids: Collection[int]
 ) -> dict[int, DialogState]:
     """The states of the dialogs that exist, in one query (no ORM objects: read only)."""
-    rows = await session.execute(_DIALOG_STATES, {"ids": sorted(set(dialog_ids))})
+    rows = await connection.execute(_DIALOG_STATES, {"ids": sorted(set(dialog_ids))})
     return {row.id: DialogState(*row) for row in rows}
 
 
