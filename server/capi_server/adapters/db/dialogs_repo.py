@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -123,6 +123,37 @@ def _build(name: str, dialect: str) -> Any:
     raise KeyError(name)
 
 
+# PostgreSQL: one statement text whatever the number of rows (arrays, unnest), so
+# psycopg parses it once; a multi-row VALUES list is new text for every batch size.
+_PG_UPSERT_LEADS = text(
+    "INSERT INTO leads (direction_id, contact_key, contact_phone, from_ad_without_click_id, "
+    "created_at, updated_at) "
+    "SELECT d, k, p, false, :now, :now FROM unnest(CAST(:directions AS bigint[]), "
+    "CAST(:keys AS text[]), CAST(:phones AS text[])) AS t(d, k, p) "
+    "ON CONFLICT (direction_id, contact_key) DO UPDATE SET updated_at = excluded.updated_at "
+    "RETURNING id, direction_id, contact_key"
+)
+_PG_UPSERT_DIALOGS = text(
+    "INSERT INTO dialog_analysis (lead_id, direction_id, instance_name, contact_phone, "
+    "capi_interest_sent, capi_qualified_sent, capi_scheduled_sent, client_message_count, "
+    "analyzed_client_message_count, is_interested, is_qualified, is_scheduled, held_levels, "
+    "created_at, updated_at) "
+    "SELECT l, d, i, p, false, false, false, 0, 0, false, false, false, CAST('{}' AS jsonb), "
+    ":now, :now FROM unnest(CAST(:leads AS bigint[]), CAST(:directions AS bigint[]), "
+    "CAST(:instances AS text[]), CAST(:phones AS text[])) AS t(l, d, i, p) "
+    "ON CONFLICT (lead_id) DO UPDATE SET updated_at = excluded.updated_at "
+    "RETURNING id, lead_id"
+)
+_PG_INSERT_MESSAGES = text(
+    "INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, message_type, "
+    "sent_at, created_at) "
+    "SELECT d, m, f, x, y, s, :now FROM unnest(CAST(:dialogs AS bigint[]), "
+    "CAST(:ids AS text[]), CAST(:mine AS boolean[]), CAST(:texts AS text[]), "
+    "CAST(:types AS text[]), CAST(:sent AS timestamptz[])) AS t(d, m, f, x, y, s) "
+    "ON CONFLICT (dialog_id, message_id) DO NOTHING "
+    "RETURNING dialog_id, message_id"
+)
+
 _FIND_DIALOGS = (
     select(_DIALOGS.c.id, _DIALOGS.c.lead_id, _LEADS.c.contact_key)
     .join(_LEADS, _LEADS.c.id == _DIALOGS.c.lead_id)
@@ -159,48 +190,73 @@ async def ensure_dialogs(
     RETURNING creates the missing rows and returns the existing ones' ids.
     """
     now = now or utcnow()
-    unique = list({c.key: c for c in contacts}.values())
+    # Sorted: concurrent transactions lock the rows they insert in the same order.
+    unique = sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
     if not unique:
         return {}
     connection = await session.connection()
-    leads = await connection.execute(
-        _statement(session, "upsert_leads"),
-        [
+    postgres = connection.dialect.name == "postgresql"
+    if postgres:
+        leads = await connection.execute(
+            _PG_UPSERT_LEADS,
             {
-                "direction_id": c.direction_id,
-                "contact_key": c.contact_key,
-                "contact_phone": c.contact_phone,
-                "from_ad_without_click_id": False,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for c in unique
-        ],
-    )
+                "directions": [c.direction_id for c in unique],
+                "keys": [c.contact_key for c in unique],
+                "phones": [c.contact_phone for c in unique],
+                "now": now,
+            },
+        )
+    else:
+        leads = await connection.execute(
+            _statement(session, "upsert_leads"),
+            [
+                {
+                    "direction_id": c.direction_id,
+                    "contact_key": c.contact_key,
+                    "contact_phone": c.contact_phone,
+                    "from_ad_without_click_id": False,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for c in unique
+            ],
+        )
     lead_ids = {(direction_id, key): lead_id for lead_id, direction_id, key in leads}
-    dialogs = await connection.execute(
-        _statement(session, "upsert_dialogs"),
-        [
+    if postgres:
+        dialogs = await connection.execute(
+            _PG_UPSERT_DIALOGS,
             {
-                "lead_id": lead_ids[c.key],
-                "direction_id": c.direction_id,
-                "instance_name": c.instance_name,
-                "contact_phone": c.contact_phone or c.contact_key,
-                "capi_interest_sent": False,
-                "capi_qualified_sent": False,
-                "capi_scheduled_sent": False,
-                "client_message_count": 0,
-                "analyzed_client_message_count": 0,
-                "is_interested": False,
-                "is_qualified": False,
-                "is_scheduled": False,
-                "held_levels": {},
-                "created_at": now,
-                "updated_at": now,
-            }
-            for c in unique
-        ],
-    )
+                "leads": [lead_ids[c.key] for c in unique],
+                "directions": [c.direction_id for c in unique],
+                "instances": [c.instance_name for c in unique],
+                "phones": [c.contact_phone or c.contact_key for c in unique],
+                "now": now,
+            },
+        )
+    else:
+        dialogs = await connection.execute(
+            _statement(session, "upsert_dialogs"),
+            [
+                {
+                    "lead_id": lead_ids[c.key],
+                    "direction_id": c.direction_id,
+                    "instance_name": c.instance_name,
+                    "contact_phone": c.contact_phone or c.contact_key,
+                    "capi_interest_sent": False,
+                    "capi_qualified_sent": False,
+                    "capi_scheduled_sent": False,
+                    "client_message_count": 0,
+                    "analyzed_client_message_count": 0,
+                    "is_interested": False,
+                    "is_qualified": False,
+                    "is_scheduled": False,
+                    "held_levels": {},
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for c in unique
+            ],
+        )
     dialog_ids = dict((lead_id, dialog_id) for dialog_id, lead_id in dialogs)
     return {
         c.key: DialogKeys(dialog_ids[lead_ids[c.key]], lead_ids[c.key], c.direction_id)
@@ -303,21 +359,35 @@ async def insert_messages(
     if not messages:
         return set()
     connection = await session.connection()
-    rows = await connection.execute(
-        _statement(session, "insert_messages"),
-        [
+    if connection.dialect.name == "postgresql":
+        rows = await connection.execute(
+            _PG_INSERT_MESSAGES,
             {
-                "dialog_id": m.dialog_id,
-                "message_id": m.message_id,
-                "from_me": m.from_me,
-                "text": m.text,
-                "message_type": m.message_type,
-                "sent_at": m.sent_at,
-                "created_at": now,
-            }
-            for m in messages
-        ],
-    )
+                "dialogs": [m.dialog_id for m in messages],
+                "ids": [m.message_id for m in messages],
+                "mine": [m.from_me for m in messages],
+                "texts": [m.text for m in messages],
+                "types": [m.message_type for m in messages],
+                "sent": [m.sent_at for m in messages],
+                "now": now,
+            },
+        )
+    else:
+        rows = await connection.execute(
+            _statement(session, "insert_messages"),
+            [
+                {
+                    "dialog_id": m.dialog_id,
+                    "message_id": m.message_id,
+                    "from_me": m.from_me,
+                    "text": m.text,
+                    "message_type": m.message_type,
+                    "sent_at": m.sent_at,
+                    "created_at": now,
+                }
+                for m in messages
+            ],
+        )
     return {(dialog_id, message_id) for dialog_id, message_id in rows}
 
 
