@@ -86,3 +86,31 @@ def test_max_batch_must_be_positive() -> None:
 
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(noop, max_batch=0)
+
+
+async def test_a_failed_batch_is_retried_item_by_item_when_a_retry_can_isolate_it() -> None:
+    runs: list[list[int]] = []
+
+    async def rejects_13(items: list[int]) -> list[int | Exception]:
+        runs.append(list(items))
+        if 13 in items:
+            raise LookupError("row rejected")
+        return list(items)
+
+    isolating: Batcher[int, int] = Batcher(
+        rejects_13, max_batch=10, retry_alone=lambda e: isinstance(e, LookupError)
+    )
+    results = await asyncio.gather(
+        *(isolating.submit(i) for i in (1, 13, 2)), return_exceptions=True
+    )
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], LookupError)
+    assert runs == [[1, 13, 2], [1], [13], [2]]
+
+    runs.clear()
+    failing_all: Batcher[int, int] = Batcher(rejects_13, max_batch=10)
+    results = await asyncio.gather(
+        *(failing_all.submit(i) for i in (1, 13)), return_exceptions=True
+    )
+    assert all(isinstance(r, LookupError) for r in results)
+    assert runs == [[1, 13]]

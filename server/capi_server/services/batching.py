@@ -9,8 +9,11 @@ idle: nobody waits for a timer, and under load one transaction carries many call
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("capi_server.batching")
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -23,16 +26,25 @@ class Batcher(Generic[ItemT, ResultT]):
     """Runs `run_batch` over the items queued by concurrent `submit` calls.
 
     `run_batch` returns one entry per item, in order: a result or an Exception for that
-    item. If `run_batch` itself raises, every item of the batch gets that error. The batch
-    runs in a task of its own: a caller that gives up (deadline) does not cancel the work
-    of the others in its batch.
+    item. If `run_batch` itself raises (its transaction failed), the items run again one
+    by one when `retry_alone(error)` says a retry can isolate the cause (an item the
+    database rejects), so that only that item's caller gets the error; otherwise every
+    item of the batch gets it. The batch runs in a task of its own: a caller that gives
+    up (deadline) does not cancel the work of the others in its batch.
     """
 
-    def __init__(self, run_batch: BatchRunner[ItemT, ResultT], *, max_batch: int) -> None:
+    def __init__(
+        self,
+        run_batch: BatchRunner[ItemT, ResultT],
+        *,
+        max_batch: int,
+        retry_alone: Callable[[Exception], bool] = lambda error: False,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._run_batch = run_batch
         self._max_batch = max_batch
+        self._retry_alone = retry_alone
         self._queue: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
         self._runner: asyncio.Task[None] | None = None
         self.batches = 0
@@ -63,7 +75,7 @@ class Batcher(Generic[ItemT, ResultT]):
                 self.batches += 1
                 self.items += len(batch)
                 try:
-                    results = await self._run_batch([item for item, _ in batch])
+                    results = await self._run([item for item, _ in batch])
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
@@ -89,6 +101,28 @@ class Batcher(Generic[ItemT, ResultT]):
                 if not future.done():
                     future.set_exception(asyncio.CancelledError())
             self._queue.clear()
+
+    async def _run(self, items: list[ItemT]) -> Sequence[ResultT | Exception]:
+        try:
+            return await self._run_batch(items)
+        except Exception as exc:
+            if len(items) == 1 or not self._retry_alone(exc):
+                raise
+            log.warning(
+                "a batch of %d failed; running its items one by one",
+                len(items),
+                extra={
+                    "batch": getattr(self._run_batch, "__name__", ""),
+                    "error": type(exc).__name__,
+                },
+            )
+        results: list[ResultT | Exception] = []
+        for item in items:
+            try:
+                results.extend(await self._run_batch([item]))
+            except Exception as single:
+                results.append(single)
+        return results
 
     async def aclose(self) -> None:
         """Waits for the batch in progress and the queued ones (called at shutdown)."""

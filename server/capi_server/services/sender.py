@@ -259,7 +259,9 @@ class SenderService:
         self._drainers: dict[tuple[str, str, str | None], asyncio.Task[None]] = {}
         # Concurrent send() calls are claimed in one transaction.
         self._planner: Batcher[SendItem, PlannedSend] = Batcher(
-            self._plan_batch, max_batch=MAX_PLAN_BATCH
+            self._plan_many,
+            max_batch=MAX_PLAN_BATCH,
+            retry_alone=lambda error: not is_transient_db_error(error),
         )
 
     # -- resolving a dialog -------------------------------------------------------------
@@ -459,28 +461,6 @@ class SenderService:
         in its place; the other items go on.
         """
         return await self._deliver_planned(await self._plan_many(items))
-
-    async def _plan_batch(self, items: list[SendItem]) -> list[PlannedSend | Exception]:
-        """The planner's batch: concurrent SendConversion calls, one transaction."""
-        try:
-            return list(await self._plan_many(items))
-        except Exception as exc:
-            if len(items) == 1 or is_transient_db_error(exc):
-                raise
-            # One item the database rejects must not fail the calls it shared a
-            # transaction with: each goes again in a transaction of its own.
-            log.warning(
-                "a batch of %d sends failed; planning them one by one",
-                len(items),
-                extra={"error": type(exc).__name__},
-            )
-            results: list[PlannedSend | Exception] = []
-            for item in items:
-                try:
-                    results.extend(await self._plan_many([item]))
-                except Exception as single:
-                    results.append(single)
-            return results
 
     async def _plan_many(self, items: Sequence[SendItem]) -> list[PlannedSend | DomainError]:
         """Claims the items' events in one transaction; nothing is sent yet.

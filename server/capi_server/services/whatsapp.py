@@ -130,7 +130,9 @@ class WhatsAppService:
         self.dry_run = dry_run
         # Concurrent IngestMessage calls share a transaction (group commit).
         self._ingest: Batcher[_QueuedMessage, IngestResult] = Batcher(
-            self._store_batch, max_batch=MAX_INGEST_BATCH
+            self._store,
+            max_batch=MAX_INGEST_BATCH,
+            retry_alone=lambda error: not is_transient_db_error(error),
         )
         # Concurrent AnalyzeDialog calls read their dialog rows in one query.
         self._dialog_reader: Batcher[int, dialogs_repo.DialogState] = Batcher(
@@ -193,28 +195,6 @@ class WhatsAppService:
             push_name=None,
         )
         return await self._ingest.submit(_QueuedMessage(inbound, message.direction_id, None))
-
-    async def _store_batch(self, queued: list[_QueuedMessage]) -> list[IngestResult | Exception]:
-        """Stores the messages of concurrent IngestMessage calls in one transaction."""
-        try:
-            return await self._store(queued)
-        except Exception as exc:
-            if len(queued) == 1 or is_transient_db_error(exc):
-                raise
-            # One message the database rejects must not fail the calls it shared a
-            # transaction with: each goes again in a transaction of its own.
-            log.warning(
-                "a batch of %d messages failed; storing them one by one",
-                len(queued),
-                extra={"error": type(exc).__name__},
-            )
-            results: list[IngestResult | Exception] = []
-            for one in queued:
-                try:
-                    results.extend(await self._store([one]))
-                except Exception as single:
-                    results.append(single)
-            return results
 
     async def _store(self, queued: list[_QueuedMessage]) -> list[IngestResult | Exception]:
         """One transaction for all: a few statements whatever the number of messages."""
