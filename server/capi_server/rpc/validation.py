@@ -19,14 +19,15 @@ _TIMESTAMP = "google.protobuf.Timestamp"
 
 def check_request(message: Message, prefix: str = "") -> None:
     for field, value in message.ListFields():
-        path = f"{prefix}{field.name}"
         if field.type == FieldDescriptor.TYPE_STRING:
             values = value if _is_repeated(field) else [value]
             for index, item in enumerate(values):
                 if "\x00" in item:
+                    path = f"{prefix}{field.name}"
                     where = f"{path}[{index}]" if _is_repeated(field) else path
                     raise InvalidArgument.field(where, "must not contain NUL characters")
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            path = f"{prefix}{field.name}"
             items = value if _is_repeated(field) else [value]
             for index, item in enumerate(items):
                 where = f"{path}[{index}]" if _is_repeated(field) else path
