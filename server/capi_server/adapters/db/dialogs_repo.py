@@ -128,8 +128,8 @@ def _build(name: str, dialect: str) -> Any:
 _PG_UPSERT_LEADS = text(
     "INSERT INTO leads (direction_id, contact_key, contact_phone, from_ad_without_click_id, "
     "created_at, updated_at) "
-    "SELECT d, k, p, false, :now, :now FROM unnest(CAST(:directions AS bigint[]), "
-    "CAST(:keys AS text[]), CAST(:phones AS text[])) AS t(d, k, p) "
+    "SELECT d, k, p, false, :now, :now FROM unnest(CAST(:direction_id AS bigint[]), "
+    "CAST(:contact_key AS text[]), CAST(:contact_phone AS text[])) AS t(d, k, p) "
     "ON CONFLICT (direction_id, contact_key) DO UPDATE SET updated_at = excluded.updated_at "
     "RETURNING id, direction_id, contact_key"
 )
@@ -139,20 +139,46 @@ _PG_UPSERT_DIALOGS = text(
     "analyzed_client_message_count, is_interested, is_qualified, is_scheduled, held_levels, "
     "created_at, updated_at) "
     "SELECT l, d, i, p, false, false, false, 0, 0, false, false, false, CAST('{}' AS jsonb), "
-    ":now, :now FROM unnest(CAST(:leads AS bigint[]), CAST(:directions AS bigint[]), "
-    "CAST(:instances AS text[]), CAST(:phones AS text[])) AS t(l, d, i, p) "
+    ":now, :now FROM unnest(CAST(:lead_id AS bigint[]), CAST(:direction_id AS bigint[]), "
+    "CAST(:instance_name AS text[]), CAST(:contact_phone AS text[])) AS t(l, d, i, p) "
     "ON CONFLICT (lead_id) DO UPDATE SET updated_at = excluded.updated_at "
     "RETURNING id, lead_id"
 )
 _PG_INSERT_MESSAGES = text(
     "INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, message_type, "
     "sent_at, created_at) "
-    "SELECT d, m, f, x, y, s, :now FROM unnest(CAST(:dialogs AS bigint[]), "
-    "CAST(:ids AS text[]), CAST(:mine AS boolean[]), CAST(:texts AS text[]), "
-    "CAST(:types AS text[]), CAST(:sent AS timestamptz[])) AS t(d, m, f, x, y, s) "
+    "SELECT d, m, f, x, y, s, :now FROM unnest(CAST(:dialog_id AS bigint[]), "
+    "CAST(:message_id AS text[]), CAST(:from_me AS boolean[]), CAST(:text AS text[]), "
+    "CAST(:message_type AS text[]), CAST(:sent_at AS timestamptz[])) AS t(d, m, f, x, y, s) "
     "ON CONFLICT (dialog_id, message_id) DO NOTHING "
     "RETURNING dialog_id, message_id"
 )
+
+_PG_STATEMENTS = {
+    "upsert_leads": _PG_UPSERT_LEADS,
+    "upsert_dialogs": _PG_UPSERT_DIALOGS,
+    "insert_messages": _PG_INSERT_MESSAGES,
+}
+
+
+async def _insert_rows(
+    session: AsyncSession,
+    name: str,
+    rows: list[dict[str, Any]],
+    constants: dict[str, Any],
+    now: datetime,
+) -> Any:
+    """Runs insert statement `name` for `rows` (the columns that vary; `constants` are the
+    same for every row): on PostgreSQL as one array per column for its unnest() text, on
+    SQLite as a multi-row INSERT. Returns the RETURNING rows."""
+    connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        arrays = {column: [row[column] for row in rows] for column in rows[0]}
+        return await connection.execute(_PG_STATEMENTS[name], {**arrays, "now": now})
+    return await connection.execute(
+        _statement(session, name), [{**row, **constants} for row in rows]
+    )
+
 
 _FIND_DIALOGS = (
     select(_DIALOGS.c.id, _DIALOGS.c.lead_id, _LEADS.c.contact_key)
@@ -194,69 +220,48 @@ async def ensure_dialogs(
     unique = sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
     if not unique:
         return {}
-    connection = await session.connection()
-    postgres = connection.dialect.name == "postgresql"
-    if postgres:
-        leads = await connection.execute(
-            _PG_UPSERT_LEADS,
+    leads = await _insert_rows(
+        session,
+        "upsert_leads",
+        [
             {
-                "directions": [c.direction_id for c in unique],
-                "keys": [c.contact_key for c in unique],
-                "phones": [c.contact_phone for c in unique],
-                "now": now,
-            },
-        )
-    else:
-        leads = await connection.execute(
-            _statement(session, "upsert_leads"),
-            [
-                {
-                    "direction_id": c.direction_id,
-                    "contact_key": c.contact_key,
-                    "contact_phone": c.contact_phone,
-                    "from_ad_without_click_id": False,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for c in unique
-            ],
-        )
+                "direction_id": c.direction_id,
+                "contact_key": c.contact_key,
+                "contact_phone": c.contact_phone,
+            }
+            for c in unique
+        ],
+        {"from_ad_without_click_id": False, "created_at": now, "updated_at": now},
+        now,
+    )
     lead_ids = {(direction_id, key): lead_id for lead_id, direction_id, key in leads}
-    if postgres:
-        dialogs = await connection.execute(
-            _PG_UPSERT_DIALOGS,
+    dialogs = await _insert_rows(
+        session,
+        "upsert_dialogs",
+        [
             {
-                "leads": [lead_ids[c.key] for c in unique],
-                "directions": [c.direction_id for c in unique],
-                "instances": [c.instance_name for c in unique],
-                "phones": [c.contact_phone or c.contact_key for c in unique],
-                "now": now,
-            },
-        )
-    else:
-        dialogs = await connection.execute(
-            _statement(session, "upsert_dialogs"),
-            [
-                {
-                    "lead_id": lead_ids[c.key],
-                    "direction_id": c.direction_id,
-                    "instance_name": c.instance_name,
-                    "contact_phone": c.contact_phone or c.contact_key,
-                    "capi_interest_sent": False,
-                    "capi_qualified_sent": False,
-                    "capi_scheduled_sent": False,
-                    "client_message_count": 0,
-                    "analyzed_client_message_count": 0,
-                    "is_interested": False,
-                    "is_qualified": False,
-                    "is_scheduled": False,
-                    "held_levels": {},
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for c in unique
-            ],
-        )
+                "lead_id": lead_ids[c.key],
+                "direction_id": c.direction_id,
+                "instance_name": c.instance_name,
+                "contact_phone": c.contact_phone or c.contact_key,
+            }
+            for c in unique
+        ],
+        {
+            "capi_interest_sent": False,
+            "capi_qualified_sent": False,
+            "capi_scheduled_sent": False,
+            "client_message_count": 0,
+            "analyzed_client_message_count": 0,
+            "is_interested": False,
+            "is_qualified": False,
+            "is_scheduled": False,
+            "held_levels": {},
+            "created_at": now,
+            "updated_at": now,
+        },
+        now,
+    )
     dialog_ids = dict((lead_id, dialog_id) for dialog_id, lead_id in dialogs)
     return {
         c.key: DialogKeys(dialog_ids[lead_ids[c.key]], lead_ids[c.key], c.direction_id)
@@ -358,36 +363,23 @@ async def insert_messages(
     """Stores the messages not stored yet; returns the (dialog_id, message_id) stored now."""
     if not messages:
         return set()
-    connection = await session.connection()
-    if connection.dialect.name == "postgresql":
-        rows = await connection.execute(
-            _PG_INSERT_MESSAGES,
+    rows = await _insert_rows(
+        session,
+        "insert_messages",
+        [
             {
-                "dialogs": [m.dialog_id for m in messages],
-                "ids": [m.message_id for m in messages],
-                "mine": [m.from_me for m in messages],
-                "texts": [m.text for m in messages],
-                "types": [m.message_type for m in messages],
-                "sent": [m.sent_at for m in messages],
-                "now": now,
-            },
-        )
-    else:
-        rows = await connection.execute(
-            _statement(session, "insert_messages"),
-            [
-                {
-                    "dialog_id": m.dialog_id,
-                    "message_id": m.message_id,
-                    "from_me": m.from_me,
-                    "text": m.text,
-                    "message_type": m.message_type,
-                    "sent_at": m.sent_at,
-                    "created_at": now,
-                }
-                for m in messages
-            ],
-        )
+                "dialog_id": m.dialog_id,
+                "message_id": m.message_id,
+                "from_me": m.from_me,
+                "text": m.text,
+                "message_type": m.message_type,
+                "sent_at": m.sent_at,
+            }
+            for m in messages
+        ],
+        {"created_at": now},
+        now,
+    )
     return {(dialog_id, message_id) for dialog_id, message_id in rows}
 
 
