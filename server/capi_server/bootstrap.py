@@ -98,6 +98,7 @@ class App:
             self.metrics_endpoint = None
         if self.retry_worker is not None:
             await self.retry_worker.stop()
+        await self.whatsapp.aclose()
         await self.sender.aclose()
         for closer in reversed(self.closers):
             await closer()

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from capi.v1 import capi_sender_service_pb2 as pb
 from capi.v1 import resources_pb2 as res
 from capi_server.adapters.db import events_repo
-from capi_server.adapters.db.orm import CapiEventLogRow
+from capi_server.adapters.db.orm import CapiEventLogRow, LeadRow
 from tests.builders import whatsapp_direction
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs
 from tests.fakes.graph import FakeGraph
@@ -185,3 +185,54 @@ async def test_an_already_sent_level_is_answered_from_the_cache_without_the_data
         assert len(graph.events()) == 1
     finally:
         await stop_stubs(s)
+
+
+async def test_refused_input_creates_no_lead(stubs: Stubs) -> None:
+    setup = await whatsapp_direction(stubs)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stubs.sender.SendConversion(
+            pb.SendConversionRequest(
+                instance_name=setup.instance_name,
+                contact_phone=phone(55),
+                level=res.LEVEL_INTEREST,
+                email="not-an-email",
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with stubs.app.db.session() as session:
+        leads = (
+            await session.execute(select(LeadRow.id).where(LeadRow.contact_key == "77017770055"))
+        ).all()
+    assert leads == []
+
+
+async def test_a_caller_that_gives_up_still_gets_its_claimed_event_sent(
+    stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await whatsapp_direction(stubs)
+    real_claim = events_repo.claim_levels
+
+    async def slow_claim(*args: Any) -> set[int]:
+        claimed = await real_claim(*args)
+        await asyncio.sleep(0.3)  # the caller's deadline passes while its batch runs
+        return claimed
+
+    monkeypatch.setattr(events_repo, "claim_levels", slow_claim)
+    from capi_server.domain.levels import Level
+    from capi_server.services.sender import DialogRef, SendOptions
+
+    caller = asyncio.ensure_future(
+        stubs.app.sender.send(
+            DialogRef(instance_name=setup.instance_name, contact_phone=phone(66)),
+            Level.INTEREST,
+            SendOptions(),
+        )
+    )
+    await asyncio.sleep(0.1)
+    caller.cancel()
+    # Delivered by the batch's hand-over, not by the retry worker (disabled here).
+    for _ in range(100):
+        if graph.events():
+            break
+        await asyncio.sleep(0.05)
+    assert [e["event_name"] for e in graph.events()] == ["Lead"]

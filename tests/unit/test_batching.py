@@ -114,3 +114,31 @@ async def test_a_failed_batch_is_retried_item_by_item_when_a_retry_can_isolate_i
     )
     assert all(isinstance(r, LookupError) for r in results)
     assert runs == [[1, 13]]
+
+
+async def test_a_batch_function_that_returns_too_few_results_fails_its_callers() -> None:
+    async def short(items: list[int]) -> list[int | Exception]:
+        return list(items[:-1])
+
+    commit: Batcher[int, int] = Batcher(short, max_batch=10)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(commit.submit(i) for i in range(3)), return_exceptions=True), timeout=1
+    )
+    # Nobody waits forever: the ones without a result get the error.
+    assert results[:2] == [0, 1] and isinstance(results[2], ValueError)
+
+
+async def test_a_batch_that_lost_a_lock_race_runs_once_more_whole() -> None:
+    runs: list[list[int]] = []
+
+    async def loses_once(items: list[int]) -> list[int | Exception]:
+        runs.append(list(items))
+        if len(runs) == 1:
+            raise TimeoutError("deadlock detected")
+        return list(items)
+
+    commit: Batcher[int, int] = Batcher(
+        loses_once, max_batch=10, run_again=lambda e: isinstance(e, TimeoutError)
+    )
+    assert await commit.submit_many([1, 2]) == [1, 2]
+    assert runs == [[1, 2], [1, 2]]

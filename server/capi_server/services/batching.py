@@ -26,11 +26,12 @@ class Batcher(Generic[ItemT, ResultT]):
     """Runs `run_batch` over the items queued by concurrent `submit` calls.
 
     `run_batch` returns one entry per item, in order: a result or an Exception for that
-    item. If `run_batch` itself raises (its transaction failed), the items run again one
-    by one when `retry_alone(error)` says a retry can isolate the cause (an item the
-    database rejects), so that only that item's caller gets the error; otherwise every
-    item of the batch gets it. The batch runs in a task of its own: a caller that gives
-    up (deadline) does not cancel the work of the others in its batch.
+    item. If `run_batch` itself raises (its transaction failed), the whole batch runs once
+    more when `run_again(error)` (a lost deadlock), then the items run one by one when
+    `retry_alone(error)` says that isolates the cause (an item the database rejects), so
+    that only that item's caller gets the error; otherwise every item gets it. The batch
+    runs in a task of its own: a caller that gives up (deadline) does not cancel the work
+    of the others in its batch.
     """
 
     def __init__(
@@ -39,12 +40,15 @@ class Batcher(Generic[ItemT, ResultT]):
         *,
         max_batch: int,
         retry_alone: Callable[[Exception], bool] = lambda error: False,
+        run_again: Callable[[Exception], bool] = lambda error: False,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._retry_alone = retry_alone
+        self._run_again = run_again
+        self._name = getattr(run_batch, "__name__", "")
         self._queue: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
         self._runner: asyncio.Task[None] | None = None
         self.batches = 0
@@ -76,24 +80,24 @@ class Batcher(Generic[ItemT, ResultT]):
                 self.items += len(batch)
                 try:
                     results = await self._run([item for item, _ in batch])
+                    for (_, future), result in zip(batch, results, strict=True):
+                        if future.done():
+                            continue
+                        if isinstance(result, Exception):
+                            future.set_exception(result)
+                        else:
+                            future.set_result(result)
                 except Exception as exc:
+                    # Also a result list of the wrong length: nobody is left waiting.
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
-                    continue
                 except BaseException:
                     # Cancelled at shutdown: the callers must not wait forever.
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(asyncio.CancelledError())
                     raise
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
         finally:
             # No await between the empty check and here: nothing can be queued unseen.
             self._runner = None
@@ -106,15 +110,23 @@ class Batcher(Generic[ItemT, ResultT]):
         try:
             return await self._run_batch(items)
         except Exception as exc:
+            if self._run_again(exc):
+                # A lost lock race (deadlock): the transaction rolled back; once more.
+                log.warning(
+                    "a batch of %d lost a lock race; running it again",
+                    len(items),
+                    extra={"batch": self._name, "error": type(exc).__name__},
+                )
+                try:
+                    return await self._run_batch(items)
+                except Exception as again:
+                    exc = again
             if len(items) == 1 or not self._retry_alone(exc):
-                raise
+                raise exc from None
             log.warning(
                 "a batch of %d failed; running its items one by one",
                 len(items),
-                extra={
-                    "batch": getattr(self._run_batch, "__name__", ""),
-                    "error": type(exc).__name__,
-                },
+                extra={"batch": self._name, "error": type(exc).__name__},
             )
         results: list[ResultT | Exception] = []
         for item in items:

@@ -24,7 +24,12 @@ from typing import Any, Protocol
 
 from capi_server.adapters import metrics
 from capi_server.adapters.db import dialogs_repo, events_repo
-from capi_server.adapters.db.database import Database, is_transient_db_error, on_commit
+from capi_server.adapters.db.database import (
+    Database,
+    is_lock_conflict,
+    is_transient_db_error,
+    on_commit,
+)
 from capi_server.adapters.db.dialogs_repo import DialogKeys
 from capi_server.adapters.db.orm import (
     CapiEventLogRow,
@@ -134,6 +139,8 @@ class PlannedSend:
     report: SendReport
     key: tuple[str, str, str | None] | None = None  # (pixel, token, test code) to send with
     claimed: list[ClaimedEvent] = field(default_factory=list)
+    # One per claimed event, handed to the drainer as soon as the claim committed.
+    deliveries: list[asyncio.Future[EventOutcome]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -262,6 +269,7 @@ class SenderService:
             self._plan_many,
             max_batch=MAX_PLAN_BATCH,
             retry_alone=lambda error: not is_transient_db_error(error),
+            run_again=is_lock_conflict,
         )
 
     # -- resolving a dialog -------------------------------------------------------------
@@ -471,10 +479,19 @@ class SenderService:
         now = self.clock()
         results: list[PlannedSend | DomainError | None] = [None] * len(items)
         dialog_ids: list[int | None] = [item.ref.dialog_id for item in items]
+        checked: list[tuple[datetime, str | None] | None] = [None] * len(items)
+        for i, item in enumerate(items):
+            # Bad input is refused before anything is created for it.
+            try:
+                event_time = item.options.event_time or now
+                self._check_event_time(event_time, now)
+                checked[i] = (event_time, self._check_options(item.options))
+            except DomainError as exc:
+                results[i] = exc
         async with self.db.session() as session:
             named: list[tuple[int, tuple[DirectionSnapshot, str, str | None]]] = []
             for i, item in enumerate(items):
-                if item.ref.dialog_id is None:
+                if item.ref.dialog_id is None and results[i] is None:
                     try:
                         snapshot, phone = await self._contact_of(session, item.ref)
                     except DomainError as exc:
@@ -487,21 +504,15 @@ class SenderService:
                 dialog_ids[i] = keys.dialog_id
             to_plan: list[tuple[int, int, datetime, str | None]] = []
             for i, item in enumerate(items):
-                dialog_id = dialog_ids[i]
-                if results[i] is not None or dialog_id is None:
+                dialog_id, check = dialog_ids[i], checked[i]
+                if results[i] is not None or dialog_id is None or check is None:
                     continue
-                try:
-                    event_time = item.options.event_time or now
-                    self._check_event_time(event_time, now)
-                    email = self._check_options(item.options)
-                    if not email and not item.options.dry_run:
-                        done = await self._already_sent(session, dialog_id, item.level)
-                        if done is not None:
-                            results[i] = PlannedSend(done)
-                            continue
-                except DomainError as exc:
-                    results[i] = exc
-                    continue
+                event_time, email = check
+                if not email and not item.options.dry_run:
+                    done = await self._already_sent(session, dialog_id, item.level)
+                    if done is not None:
+                        results[i] = PlannedSend(done)
+                        continue
                 to_plan.append((dialog_id, i, event_time, email))
             # Held in a local: the session's identity map only keeps rows referenced.
             loaded = await dialogs_repo.load_dialogs_and_leads(session, {p[0] for p in to_plan})
@@ -538,6 +549,11 @@ class SenderService:
                 results[i] = PlannedSend(report, key, claimed)
             await session.commit()
             del loaded
+        # Handed over here, in the batch, not by the callers: a caller that gives up
+        # (deadline) must not leave its committed claim waiting for the retry worker.
+        for result in results:
+            if isinstance(result, PlannedSend) and result.key is not None:
+                result.deliveries.extend(self._hand_over(result.key, result.claimed))
         done_results = [r for r in results if r is not None]
         assert len(done_results) == len(items)
         metrics.observe_planned(
@@ -548,26 +564,21 @@ class SenderService:
     async def _deliver_planned(
         self, planned: Sequence[PlannedSend | DomainError]
     ) -> list[SendReport | DomainError]:
-        """Sends what `_plan_many` claimed and fills in the outcomes."""
+        """Waits for the deliveries `_plan_many` handed over and fills in the outcomes."""
         results = [p if isinstance(p, DomainError) else p.report for p in planned]
-        batches: dict[tuple[str, str, str | None], list[ClaimedEvent]] = defaultdict(list)
-        for p in planned:
-            if isinstance(p, PlannedSend) and p.key is not None:
-                batches[p.key].extend(p.claimed)
-        if not batches:
-            return results
-        groups = await asyncio.gather(
-            *(self._deliver_coalesced(key, claimed) for key, claimed in batches.items()),
-            return_exceptions=True,
-        )
         outcomes: dict[int | None, EventOutcome] = {}
-        for claimed, group in zip(batches.values(), groups, strict=True):
-            if isinstance(group, BaseException):
-                if not isinstance(group, Exception):
-                    raise group
-                # Claimed and committed: the rows stay pending and the worker resends them.
-                for event in claimed:
-                    outcomes[event.log_id] = EventOutcome(
+        for p in planned:
+            if not isinstance(p, PlannedSend) or not p.deliveries:
+                continue
+            delivered = await asyncio.gather(
+                *(asyncio.shield(f) for f in p.deliveries), return_exceptions=True
+            )
+            for event, outcome in zip(p.claimed, delivered, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, Exception):
+                        raise outcome
+                    # Claimed and committed: the row stays pending; the worker resends it.
+                    outcome = EventOutcome(
                         event.level,
                         event.event_name,
                         SendOutcome.QUEUED,
@@ -575,17 +586,16 @@ class SenderService:
                         reason="delivery not confirmed; the retry worker resends it",
                         log_id=event.log_id,
                     )
-                continue
-            outcomes.update((o.log_id, o) for o in group)
+                outcomes[event.log_id] = outcome
         for result in results:
             if isinstance(result, SendReport):
                 result.outcomes = [outcomes.get(o.log_id, o) for o in result.outcomes]
         return results
 
-    async def _deliver_coalesced(
+    def _hand_over(
         self, key: tuple[str, str, str | None], events: Sequence[ClaimedEvent]
-    ) -> list[EventOutcome]:
-        """Deliver and record through one drainer per (pixel, token, test code).
+    ) -> list[asyncio.Future[EventOutcome]]:
+        """Queues claimed events for the drainer of (pixel, token, test code).
 
         Concurrent calls for the same pixel share Graph requests (up to 1,000 events) and
         record transactions: while one request is in flight, the next calls' events queue
@@ -602,7 +612,7 @@ class SenderService:
             futures.append(future)
         if key not in self._drainers:
             self._drainers[key] = asyncio.create_task(self._drain(key))
-        return [await asyncio.shield(f) for f in futures]
+        return futures
 
     async def _drain(self, key: tuple[str, str, str | None]) -> None:
         pixel_id, token, test_code = key
@@ -816,6 +826,9 @@ class SenderService:
         by_level: dict[Level, dict[int, str]] = defaultdict(dict)
         for (dialog_id, lvl), claim in claims.items():
             by_level[lvl][dialog_id] = claim.event_id
+        # All of the batch's dialogs first, in id order: the claims below take them level
+        # by level, which alone could lock two dialogs in the opposite order of another batch.
+        await events_repo.lock_dialogs(session, {dialog_id for dialog_id, _ in claims})
         for lvl in sorted(by_level):
             won = await events_repo.claim_levels(session, lvl, by_level[lvl], now)
             for dialog_id in by_level[lvl]:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from sqlalchemy import select, update
 
 from capi_server.adapters.db import dialogs_repo
-from capi_server.adapters.db.database import Database, is_transient_db_error
+from capi_server.adapters.db.database import Database, is_lock_conflict, is_transient_db_error
 from capi_server.adapters.db.events_repo import db_text
 from capi_server.adapters.db.orm import (
     DialogAnalysisRow,
@@ -133,6 +133,7 @@ class WhatsAppService:
             self._store,
             max_batch=MAX_INGEST_BATCH,
             retry_alone=lambda error: not is_transient_db_error(error),
+            run_again=is_lock_conflict,
         )
         # Concurrent AnalyzeDialog calls read their dialog rows in one query.
         self._dialog_reader: Batcher[int, dialogs_repo.DialogState] = Batcher(
@@ -141,6 +142,13 @@ class WhatsAppService:
         )
         # One LLM analysis per dialog at a time: later callers share the running one.
         self._inflight: dict[tuple[int, bool, bool], asyncio.Task[AnalysisResult]] = {}
+
+    async def aclose(self) -> None:
+        """Waits for the batches and analyses in progress (called at shutdown)."""
+        await self._ingest.aclose()
+        await self._dialog_reader.aclose()
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     # -- IngestMessage ------------------------------------------------------------------
 

@@ -95,6 +95,18 @@ def is_transient_db_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+# deadlock_detected, serialization_failure: PostgreSQL rolled the transaction back to
+# break a lock cycle; running the same transaction again is the documented remedy.
+_LOCK_CONFLICT_STATES = frozenset({"40P01", "40001"})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """The transaction lost a deadlock (or serialization) race: run it again."""
+    return isinstance(exc, DBAPIError) and (
+        getattr(exc.orig, "sqlstate", None) in _LOCK_CONFLICT_STATES
+    )
+
+
 def alembic_config(url: str | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))

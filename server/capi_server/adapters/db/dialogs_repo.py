@@ -397,13 +397,14 @@ _COUNT_CLIENT_MESSAGES = (
 async def count_client_messages(
     session: AsyncSession, added: dict[int, tuple[int, datetime]], *, now: datetime
 ) -> None:
-    """Adds {dialog_id: (new client messages, last one's time)} to the dialogs' counters."""
+    """Adds {dialog_id: (new client messages, last one's time)} to the dialogs' counters,
+    in dialog id order (the order every batch locks dialogs in)."""
     if added:
         await (await session.connection()).execute(
             _COUNT_CLIENT_MESSAGES,
             [
                 {"dialog": dialog_id, "added": n, "last_at": last_at, "now": now}
-                for dialog_id, (n, last_at) in added.items()
+                for dialog_id, (n, last_at) in sorted(added.items())
             ],
         )
 
@@ -427,10 +428,14 @@ async def set_lead_ctwa_clids(
     session: AsyncSession, clids: Sequence[tuple[int, str]], *, now: datetime
 ) -> None:
     """(lead_id, ctwa_clid) in arrival order: the first click id of a lead wins, and a
-    later message never replaces or erases it."""
-    if clids:
+    later message never replaces or erases it. Leads are updated in id order."""
+    first: dict[int, str] = {}
+    for lead, clid in clids:
+        first.setdefault(lead, clid)
+    if first:
         await (await session.connection()).execute(
-            _SET_CLID, [{"lead": lead, "clid": clid, "now": now} for lead, clid in clids]
+            _SET_CLID,
+            [{"lead": lead, "clid": clid, "now": now} for lead, clid in sorted(first.items())],
         )
 
 

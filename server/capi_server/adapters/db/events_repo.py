@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +22,20 @@ def db_text(value: str) -> str:
 
 def _event_id_column(level: Level) -> Any:
     return getattr(DialogAnalysisRow, f"capi_{level.column}_event_id")
+
+
+async def lock_dialogs(session: AsyncSession, dialog_ids: Collection[int]) -> None:
+    """Locks the dialogs' rows in id order (PostgreSQL; SQLite locks the whole database),
+    so that a transaction claiming several levels of several dialogs takes its row locks
+    in the same order as every other batch."""
+    if dialog_ids and session.bind is not None and session.bind.dialect.name == "postgresql":
+        table: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
+        await (await session.connection()).execute(
+            select(table.c.id)
+            .where(table.c.id.in_(sorted(dialog_ids)))
+            .order_by(table.c.id)
+            .with_for_update(key_share=True)
+        )
 
 
 async def claim_levels(
