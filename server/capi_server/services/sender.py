@@ -820,8 +820,8 @@ class SenderService:
     ) -> list[tuple[SendReport, list[ClaimedEvent]]]:
         """Makes the batch's claims (one UPDATE per level) and writes its log rows (one
         INSERT per kind of row), then turns each item's steps into its report."""
-        # Leads first (a new email), then dialogs: the order every writer of both rows
-        # uses (ensure_dialogs, the CRM's linking), so concurrent calls cannot deadlock.
+        # Leads first (a new email), then dialogs, as ensure_dialogs and the CRM's linking
+        # of a contact do: claiming first deadlocked with concurrent CRM webhooks.
         await session.flush()
         by_level: dict[Level, dict[int, str]] = defaultdict(dict)
         for (dialog_id, lvl), claim in claims.items():
