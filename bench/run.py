@@ -982,22 +982,6 @@ def page_tokens(stubs: Stubs, direction_id: str, pages: int) -> list[str]:
     return tokens
 
 
-_AREAS = (
-    ("sqlalchemy", "/sqlalchemy/"),
-    ("psycopg", "/psycopg"),
-    ("grpc", "/grpc"),
-    ("protobuf", "/google/protobuf"),
-    ("asyncio", "/asyncio/"),
-    ("logging", "/logging/"),
-    ("json", "/json/"),
-    ("httpx/httpcore", "/httpx"),
-    ("httpx/httpcore", "/httpcore/"),
-    ("pydantic", "/pydantic"),
-    ("phonenumbers", "/phonenumbers/"),
-    ("capi_server", "/capi_server/"),
-)
-
-
 def profile_summary(path: Path, top: int = 30) -> str:
     """Share of own time by library, then the top functions by own and cumulative time."""
     stats = pstats.Stats(str(path))
@@ -1005,8 +989,8 @@ def profile_summary(path: Path, top: int = 30) -> str:
     total = sum(entry[2] for entry in raw.values()) or 1.0
     areas: dict[str, float] = {}
     for (filename, _, _), entry in raw.items():
-        area = next((a for a, marker in _AREAS if marker in filename), None)
-        if area is None:
+        area = sampler.area_of(filename)
+        if area == "other":
             area = "builtins/C" if filename.startswith(("~", "<")) else "other python"
         areas[area] = areas.get(area, 0.0) + entry[2]
     lines = [f"cProfile of {path.name}: {total:.1f}s of own time in the main thread", ""]
@@ -1014,20 +998,12 @@ def profile_summary(path: Path, top: int = 30) -> str:
     for area, seconds in sorted(areas.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {area:<16} {seconds / total:6.1%}  {seconds:7.2f}s")
 
-    def short(key: tuple[str, int, str]) -> str:
-        filename, line, func = key
-        for marker in ("site-packages/", "/server/", "/lib/python3.11/"):
-            if marker in filename:
-                filename = filename.split(marker, 1)[1]
-                break
-        return f"{filename}:{line}({func})"
-
     by_own = sorted(raw.items(), key=lambda kv: -kv[1][2])[:top]
     lines += ["", f"Top {top} by own time (tottime):"]
     for key, (_, calls, own, cumulative, _) in by_own:
         lines.append(
             f"  {own / total:6.1%} own {own:7.2f}s cum {cumulative:7.2f}s "
-            f"{calls:>9} calls  {short(key)}"
+            f"{calls:>9} calls  {sampler.short(key)}"
         )
     by_cum = sorted(
         ((k, v) for k, v in raw.items() if "/capi_server/" in k[0] or "sqlalchemy" in k[0]),
@@ -1037,7 +1013,7 @@ def profile_summary(path: Path, top: int = 30) -> str:
     for key, (_, calls, own, cumulative, _) in by_cum:
         lines.append(
             f"  {cumulative / total:6.1%} cum {cumulative:7.2f}s own {own:7.2f}s "
-            f"{calls:>9} calls  {short(key)}"
+            f"{calls:>9} calls  {sampler.short(key)}"
         )
     return "\n".join(lines) + "\n"
 

@@ -68,7 +68,7 @@ class StackSampler:
         path.write_text(json.dumps({"interval": self.interval, "stacks": rows}))
 
 
-_AREAS = (
+AREAS = (
     ("sqlalchemy", "/sqlalchemy/"),
     ("psycopg", "/psycopg"),
     ("grpc", "/grpc"),
@@ -104,11 +104,12 @@ def from_py_spy(raw: Path, out: Path, rate: int) -> None:
     out.write_text(json.dumps({"interval": 1 / rate, "stacks": rows}))
 
 
-def _area(filename: str) -> str:
-    return next((a for a, marker in _AREAS if marker in filename), "other")
+def area_of(filename: str) -> str:
+    """The library a source file belongs to (\"other\" when none of AREAS)."""
+    return next((a for a, marker in AREAS if marker in filename), "other")
 
 
-def _short(frame: Frame) -> str:
+def short(frame: Frame) -> str:
     filename, line, name = frame
     for marker in ("site-packages/", "/server/", "/lib/python3.11/"):
         if marker in filename:
@@ -134,11 +135,11 @@ def summarize(path: Path, top: int = 30) -> str:
     inclusive: Counter[Frame] = Counter()
     inclusive_area: Counter[str] = Counter()
     for stack, count in busy:
-        own_area[_area(stack[0][0])] += count
+        own_area[area_of(stack[0][0])] += count
         own_function[stack[0]] += count
         for frame in set(stack):
             inclusive[frame] += count
-        for area in {_area(f[0]) for f in stack}:
+        for area in {area_of(f[0]) for f in stack}:
             inclusive_area[area] += count
     lines = [
         f"Stack samples of the server's main thread: {total} samples every "
@@ -154,16 +155,16 @@ def summarize(path: Path, top: int = 30) -> str:
         lines.append(f"  {area:<16} {count / busy_total:6.1%}")
     lines += ["", f"Top {top} capi_server functions by inclusive time:"]
     ours = [(f, c) for f, c in inclusive.most_common() if "/capi_server/" in f[0]][:top]
-    lines += [f"  {c / busy_total:6.1%}  {_short(f)}" for f, c in ours]
+    lines += [f"  {c / busy_total:6.1%}  {short(f)}" for f, c in ours]
     lines += ["", f"Top {top} library functions by inclusive time:"]
     theirs = [
         (f, c)
         for f, c in inclusive.most_common()
         if not any(m in f[0] for m in ("/capi_server/", "/asyncio/", "/bench/", "<"))
     ][:top]
-    lines += [f"  {c / busy_total:6.1%}  {_short(f)}" for f, c in theirs]
+    lines += [f"  {c / busy_total:6.1%}  {short(f)}" for f, c in theirs]
     lines += ["", f"Top {top} functions by own time:"]
-    lines += [f"  {c / busy_total:6.1%}  {_short(f)}" for f, c in own_function.most_common(top)]
+    lines += [f"  {c / busy_total:6.1%}  {short(f)}" for f, c in own_function.most_common(top)]
     return "\n".join(lines) + "\n"
 
 
