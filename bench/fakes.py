@@ -17,7 +17,6 @@ counts. One port serves:
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from dataclasses import dataclass
@@ -64,7 +63,8 @@ class BenchFakes:
             return 200, b"{}"
         if method == "POST" and parts == ["_amo_leads"]:
             spec = json.loads(body)
-            add_amo_leads(self.amo, int(spec["base"]), int(spec["count"]), spec["phone_prefix"])
+            base = int(spec["base"])
+            self.amo.add_leads(base, base + 50_000_000, int(spec["count"]), spec["phone_prefix"])
             return 200, b"{}"
         return 404, b'{"error": {"message": "unknown route", "code": 100}}'
 
@@ -161,24 +161,6 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
             await reader.readexactly(2)
     length = int(headers.get("content-length") or 0)
     return await reader.readexactly(length) if length else b""
-
-
-def add_amo_leads(amo: FakeAmoCrm, base: int, count: int, phone_prefix: str) -> None:
-    """`count` leads (ids from `base`), each with its own main contact and phone."""
-    template_lead = next(iter(amo.leads.values()))
-    template_contact = next(iter(amo.contacts.values()))
-    for i in range(count):
-        lead_id, contact_id = base + i, base + 50_000_000 + i
-        contact = copy.deepcopy(template_contact)
-        contact["id"] = contact_id
-        phone = f"{phone_prefix}{i:04d}-{i:04d}"
-        contact["custom_fields_values"][0]["values"] = [{"value": phone, "enum_code": "MOB"}]
-        contact["custom_fields_values"][1]["values"] = []
-        amo.contacts[str(contact_id)] = contact
-        lead = copy.deepcopy(template_lead)
-        lead["id"] = lead_id
-        lead["_embedded"]["contacts"] = [{"id": contact_id, "is_main": True}]
-        amo.put_lead(lead)
 
 
 async def _serve(ready: Connection) -> None:

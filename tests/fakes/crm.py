@@ -123,6 +123,29 @@ class FakeAmoCrm(_ScriptedFakeServer):
     def put_lead(self, lead: dict[str, Any]) -> None:
         self.leads[str(lead["id"])] = lead
 
+    def add_leads(
+        self, first_lead_id: int, first_contact_id: int, count: int, phone_prefix: str
+    ) -> list[int]:
+        """`count` copies of the fixture lead, each with its own main contact and phone
+        (`phone_prefix` + "0007-0007" for the 8th); their ids."""
+        template_lead = next(iter(self.leads.values()))
+        template_contact = next(iter(self.contacts.values()))
+        lead_ids = []
+        for i in range(count):
+            lead_id, contact_id = first_lead_id + i, first_contact_id + i
+            contact = copy.deepcopy(template_contact)
+            contact["id"] = contact_id
+            phone = f"{phone_prefix}{i:04d}-{i:04d}"
+            contact["custom_fields_values"][0]["values"] = [{"value": phone, "enum_code": "MOB"}]
+            contact["custom_fields_values"][1]["values"] = []
+            self.contacts[str(contact_id)] = contact
+            lead = copy.deepcopy(template_lead)
+            lead["id"] = lead_id
+            lead["_embedded"]["contacts"] = [{"id": contact_id, "is_main": True}]
+            self.put_lead(lead)
+            lead_ids.append(lead_id)
+        return lead_ids
+
     def copy_lead(self, new_id: int, updated_at: int) -> dict[str, Any]:
         """A copy of the fixture lead under another id (for list tests)."""
         lead = copy.deepcopy(next(iter(self.leads.values())))

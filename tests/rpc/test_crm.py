@@ -8,7 +8,6 @@ asked, what the RPC returned and what is in the database.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -355,22 +354,10 @@ async def test_mass_webhook_batches_events_into_one_graph_request(
     stubs: Stubs, graph: FakeGraph, amo: FakeAmoCrm
 ) -> None:
     count = 1000
-    template_lead = next(iter(amo.leads.values()))
-    template_contact = next(iter(amo.contacts.values()))
-    pairs = []
-    for i in range(count):
-        lead_id, contact_id = 30_000_000 + i, 40_000_000 + i
-        contact = copy.deepcopy(template_contact)
-        contact["id"] = contact_id
-        phone = f"+55 11 9{i:04d}-{i:04d}"
-        contact["custom_fields_values"][0]["values"] = [{"value": phone, "enum_code": "MOB"}]
-        contact["custom_fields_values"][1]["values"] = []
-        amo.contacts[str(contact_id)] = contact
-        lead = copy.deepcopy(template_lead)
-        lead["id"] = lead_id
-        lead["_embedded"]["contacts"] = [{"id": contact_id, "is_main": True}]
-        amo.put_lead(lead)
-        pairs.append(f"leads[status][{i}][id]={lead_id}&leads[status][{i}][status_id]=142")
+    pairs = [
+        f"leads[status][{i}][id]={lead_id}&leads[status][{i}][status_id]=142"
+        for i, lead_id in enumerate(amo.add_leads(30_000_000, 40_000_000, count, "+55 11 9"))
+    ]
     setup = await amo_setup(stubs, amo, interest=[AMO_INTEREST])
     # The fake answers one request in a few ms; more reads in flight keep the test short.
     stubs.app.crm.concurrency = 32
