@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from capi.v1 import resources_pb2 as res
 from capi.v1 import settings_service_pb2 as pb
@@ -115,3 +115,15 @@ async def pending_event(
         yield
     finally:
         await close_pending(stubs, direction_id)
+
+
+async def set_ctwa_clid(stubs: Stubs, dialog_id: str, clid: str) -> None:
+    async with stubs.app.db.session() as session:
+        await session.execute(
+            text(
+                "UPDATE leads SET ctwa_clid = :clid WHERE id = "
+                "(SELECT lead_id FROM dialog_analysis WHERE id = :d)"
+            ),
+            {"clid": clid, "d": int(dialog_id)},
+        )
+        await session.commit()

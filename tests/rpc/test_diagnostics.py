@@ -25,6 +25,7 @@ from tests.builders import (
     DirectionSetup,
     close_pending,
     pending_event,
+    set_ctwa_clid,
     whatsapp_direction,
 )
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs, unique
@@ -85,18 +86,6 @@ async def send(stubs: Stubs, setup: DirectionSetup, phone: str = PHONE, **kw: An
             **kw,
         )
     )
-
-
-async def set_ctwa_clid(stubs: Stubs, dialog_id: str, clid: str) -> None:
-    async with stubs.app.db.session() as session:
-        await session.execute(
-            text(
-                "UPDATE leads SET ctwa_clid = :clid WHERE id = "
-                "(SELECT lead_id FROM dialog_analysis WHERE id = :d)"
-            ),
-            {"clid": clid, "d": int(dialog_id)},
-        )
-        await session.commit()
 
 
 async def healthy_direction(stubs: Stubs, **kw: Any) -> DirectionSetup:

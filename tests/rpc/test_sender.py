@@ -20,7 +20,7 @@ from sqlalchemy import select, text, update
 from capi.v1 import capi_sender_service_pb2 as pb
 from capi.v1 import resources_pb2 as res
 from capi_server.adapters.db.orm import CapiEventLogRow, LeadRow
-from tests.builders import AD_TOKEN, USER_TOKEN, DirectionSetup, whatsapp_direction
+from tests.builders import AD_TOKEN, USER_TOKEN, DirectionSetup, set_ctwa_clid, whatsapp_direction
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs
 from tests.fakes.graph import FakeGraph, error_fixture
 from tests.fakes.http import FakeResponse, RecordedRequest
@@ -74,18 +74,6 @@ async def log_rows(stubs: Stubs, dialog_id: str) -> list[CapiEventLogRow]:
             .order_by(CapiEventLogRow.id)
         )
         return list(rows.scalars())
-
-
-async def set_ctwa_clid(stubs: Stubs, dialog_id: str, clid: str) -> None:
-    async with stubs.app.db.session() as session:
-        await session.execute(
-            text(
-                "UPDATE leads SET ctwa_clid = :clid WHERE id = "
-                "(SELECT lead_id FROM dialog_analysis WHERE id = :d)"
-            ),
-            {"clid": clid, "d": int(dialog_id)},
-        )
-        await session.commit()
 
 
 def at(dt: datetime) -> Timestamp:
