@@ -283,14 +283,6 @@ async def ensure_dialog(
     return (await ensure_dialogs(session, [contact], now=now))[contact.key]
 
 
-async def find_dialog(
-    session: AsyncSession, direction_id: int, contact_key: str
-) -> DialogKeys | None:
-    return (await find_dialogs(session, [(direction_id, contact_key)])).get(
-        (direction_id, contact_key)
-    )
-
-
 async def load_dialogs_and_leads(
     session: AsyncSession, dialog_ids: Collection[int]
 ) -> list[DialogAnalysisRow | LeadRow]:
