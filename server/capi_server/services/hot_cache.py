@@ -111,15 +111,11 @@ class HotCache:
         instance_name: str | None = None,
     ) -> DirectionSnapshot:
         """The direction by id or instance; NOT_FOUND when it does not exist."""
+        cached = self.cached_direction(direction_id, instance_name)
+        if cached is not None:
+            return cached
         now = self.clock()
-        if direction_id is None and instance_name is not None:
-            cached_id = self._instances.get(instance_name)
-            if cached_id and cached_id[0] > now:
-                direction_id = cached_id[1]
         if direction_id is not None:
-            cached = self._directions.get(direction_id)
-            if cached and cached[0] > now:
-                return cached[1]
             row = await dialogs_repo.direction_by_id(session, direction_id)
         else:
             assert instance_name is not None

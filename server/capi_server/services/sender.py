@@ -292,14 +292,13 @@ class SenderService:
 
     async def _contact_of(self, session: Any, ref: DialogRef) -> tuple[DirectionSnapshot, str]:
         """The direction and normalised phone of a dialog named by its contact."""
-        if ref.direction_id is not None:
-            snapshot = await self.cache.direction(session, direction_id=ref.direction_id)
-        elif ref.instance_name:
-            snapshot = await self.cache.direction(session, instance_name=ref.instance_name)
-        else:
+        if ref.direction_id is None and not ref.instance_name:
             raise InvalidArgument.field(
                 "dialog_id", "name the dialog by dialog_id or by instance_name and contact_phone"
             )
+        snapshot = await self.cache.direction(
+            session, direction_id=ref.direction_id, instance_name=ref.instance_name
+        )
         if not ref.contact_phone:
             raise InvalidArgument.field("contact_phone", "is required with instance_name")
         return snapshot, normalize_contact(ref.contact_phone, snapshot.default_region)

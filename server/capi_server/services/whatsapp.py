@@ -284,15 +284,14 @@ class WhatsAppService:
         return snapshot, phone, phone
 
     async def _direction_of(self, session: Any, item: _QueuedMessage) -> DirectionSnapshot:
-        cache = self.sender.cache
-        if item.direction_id is not None:
-            return await cache.direction(session, direction_id=item.direction_id)
         instance = item.message.instance_name or item.fallback_instance
-        if not instance:
+        if item.direction_id is None and not instance:
             raise InvalidArgument.field(
                 "instance_name", "the webhook names no instance; pass instance_name"
             )
-        return await cache.direction(session, instance_name=instance)
+        return await self.sender.cache.direction(
+            session, direction_id=item.direction_id, instance_name=instance
+        )
 
     # -- AnalyzeDialog ------------------------------------------------------------------
 
