@@ -459,22 +459,26 @@ class CrmService:
         else:
             hint = "the CRM answered something that is not its API; check the connection's base_url"
         async with self.db.session() as session:
-            for direction in directions:
-                events_repo.add_log_row(
-                    session,
-                    direction_id=direction.id,
-                    dialog_id=None,
-                    lead_id=None,
-                    level=int(Level.INTEREST),
-                    event_name=direction.capi.event_name(Level.INTEREST),
-                    status=EventStatus.ERROR.value,
-                    source=CRM_SOURCE,
-                    pixel_id=direction.pixel_id,
-                    error_message=events_repo.db_text(message),
-                    hint=hint,
-                    event_time=now,
-                    now=now,
-                )
+            await events_repo.insert_log_rows(
+                session,
+                [
+                    {
+                        "direction_id": direction.id,
+                        "dialog_id": None,
+                        "lead_id": None,
+                        "level": int(Level.INTEREST),
+                        "event_name": direction.capi.event_name(Level.INTEREST),
+                        "status": EventStatus.ERROR.value,
+                        "source": CRM_SOURCE,
+                        "pixel_id": direction.pixel_id,
+                        "error_message": events_repo.db_text(message),
+                        "hint": hint,
+                        "event_time": now,
+                        "now": now,
+                    }
+                    for direction in directions
+                ],
+            )
             await session.commit()
         log.warning(
             "CRM call failed",

@@ -83,13 +83,6 @@ async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]])
     return ids
 
 
-def add_log_row(session: AsyncSession, **values: Any) -> CapiEventLogRow:
-    now = values.pop("now", None) or utcnow()
-    row = CapiEventLogRow(created_at=now, updated_at=now, attempts=0, **values)
-    session.add(row)
-    return row
-
-
 async def latest_log_row(
     session: AsyncSession, dialog_id: int, level: Level
 ) -> CapiEventLogRow | None:
