@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -88,40 +87,22 @@ _LEADS: Table = LeadRow.__table__  # type: ignore[assignment]
 _DIALOGS: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
 _MESSAGES: Table = DialogMessageRow.__table__  # type: ignore[assignment]
 
-# Statements are built once per dialect: building one (and its ON CONFLICT `excluded`
-# alias) costs more Python than executing it.
-_statements: dict[tuple[str, str], Any] = {}
-
-
-def _statement(session: AsyncSession, name: str) -> Any:
-    dialect = session.bind.dialect.name if session.bind else "sqlite"
-    cached = _statements.get((dialect, name))
-    if cached is None:
-        cached = _statements[(dialect, name)] = _build(name, dialect)
-    return cached
-
-
-def _build(name: str, dialect: str) -> Any:
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    if name == "upsert_leads":
-        leads = insert(_LEADS)
-        return leads.on_conflict_do_update(
-            index_elements=["direction_id", "contact_key"],
-            set_={"updated_at": leads.excluded.updated_at},
-        ).returning(_LEADS.c.id, _LEADS.c.direction_id, _LEADS.c.contact_key)
-    if name == "upsert_dialogs":
-        dialogs = insert(_DIALOGS)
-        return dialogs.on_conflict_do_update(
-            index_elements=["lead_id"], set_={"updated_at": dialogs.excluded.updated_at}
-        ).returning(_DIALOGS.c.id, _DIALOGS.c.lead_id)
-    if name == "insert_messages":
-        return (
-            insert(_MESSAGES)
-            .on_conflict_do_nothing(index_elements=["dialog_id", "message_id"])
-            .returning(_MESSAGES.c.dialog_id, _MESSAGES.c.message_id)
-        )
-    raise KeyError(name)
-
+# SQLite: multi-row INSERT ... ON CONFLICT ... RETURNING, built once (building one and its
+# `excluded` alias costs more Python than executing it).
+_sqlite_leads = sqlite_insert(_LEADS)
+_sqlite_dialogs = sqlite_insert(_DIALOGS)
+_SQLITE_STATEMENTS: dict[str, Any] = {
+    "upsert_leads": _sqlite_leads.on_conflict_do_update(
+        index_elements=["direction_id", "contact_key"],
+        set_={"updated_at": _sqlite_leads.excluded.updated_at},
+    ).returning(_LEADS.c.id, _LEADS.c.direction_id, _LEADS.c.contact_key),
+    "upsert_dialogs": _sqlite_dialogs.on_conflict_do_update(
+        index_elements=["lead_id"], set_={"updated_at": _sqlite_dialogs.excluded.updated_at}
+    ).returning(_DIALOGS.c.id, _DIALOGS.c.lead_id),
+    "insert_messages": sqlite_insert(_MESSAGES)
+    .on_conflict_do_nothing(index_elements=["dialog_id", "message_id"])
+    .returning(_MESSAGES.c.dialog_id, _MESSAGES.c.message_id),
+}
 
 # PostgreSQL: one statement text whatever the number of rows (arrays, unnest), so
 # psycopg parses it once; a multi-row VALUES list is new text for every batch size.
@@ -176,7 +157,7 @@ async def _insert_rows(
         arrays = {column: [row[column] for row in rows] for column in rows[0]}
         return await connection.execute(_PG_STATEMENTS[name], {**arrays, "now": now})
     return await connection.execute(
-        _statement(session, name), [{**row, **constants} for row in rows]
+        _SQLITE_STATEMENTS[name], [{**row, **constants} for row in rows]
     )
 
 
