@@ -131,6 +131,7 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
             retry_max_seconds=settings.retry_max_seconds,
             expiry_margin_seconds=settings.expiry_margin_seconds,
             retry_batch_size=settings.retry_batch_size,
+            batch_linger_seconds=settings.batch_linger_ms / 1000,
             lease_seconds=settings.send_lease_seconds,
         ),
         cache=cache,
@@ -144,7 +145,13 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
         graph=graph,
         sender=sender,
         crm=CrmService(settings, db, cipher, sender),
-        whatsapp=WhatsAppService(db, sender, llm, dry_run=settings.dry_run),
+        whatsapp=WhatsAppService(
+            db,
+            sender,
+            llm,
+            dry_run=settings.dry_run,
+            batch_linger_seconds=settings.batch_linger_ms / 1000,
+        ),
         llm=llm,
         diagnostics=DiagnosticsService(
             db,

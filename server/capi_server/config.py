@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Load shedding: calls beyond this many in flight are refused at once with
     # RESOURCE_EXHAUSTED (clients back off) instead of queueing and growing memory.
     max_concurrent_rpcs: int = 256
+    # Group commit: under concurrent load a batch of IngestMessage, SendConversion or
+    # AnalyzeDialog work waits this long for more calls before it starts (0: never).
+    batch_linger_ms: float = Field(default=2.0, ge=0.0, le=100.0)
     partner_agent: str = ""
     # CRM source: client-side rate limits per CRM account, read concurrency, reconciliation
     # (the periodic job runs only for connections with reconcile_interval_seconds > 0).

@@ -142,3 +142,46 @@ async def test_a_batch_that_lost_a_lock_race_runs_once_more_whole() -> None:
     )
     assert await commit.submit_many([1, 2]) == [1, 2]
     assert runs == [[1, 2], [1, 2]]
+
+
+async def test_a_caller_calling_in_a_loop_never_waits_for_the_linger() -> None:
+    recorder = Recorder()
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=100, linger_seconds=0.5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(0, 10, 2):
+        assert await commit.submit(i) == i * 10
+    # One item per batch and nothing left waiting: no sign of concurrent callers.
+    assert commit.lingered == 0
+    assert loop.time() - started < 0.5
+
+
+class SlowRecorder(Recorder):
+    """A batch that takes a few milliseconds, as a database round trip does."""
+
+    async def __call__(self, items: list[int]) -> list[int | Exception]:
+        await asyncio.sleep(0.005)
+        return await super().__call__(items)
+
+
+async def test_under_concurrent_load_a_batch_lingers_for_more_callers() -> None:
+    recorder = SlowRecorder()
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=100, linger_seconds=0.05)
+
+    async def caller(first: int) -> list[int]:
+        # Each caller submits again as soon as its previous call returns, and the callers
+        # are spread out in time (as gRPC hands a process its calls one at a time).
+        await asyncio.sleep(first * 0.003)
+        return [await commit.submit(first * 2 + 20 * n) for n in range(4)]
+
+    results = await asyncio.gather(*(caller(i) for i in range(5)))
+    assert results == [[(i * 2 + 20 * n) * 10 for n in range(4)] for i in range(5)]
+    assert commit.lingered > 0
+    # Lingering gathers the spread-out callers into batches of several items.
+    assert max(len(batch) for batch in recorder.batches) == 5
+    assert len(recorder.batches) <= 6
+
+
+def test_linger_must_not_be_negative() -> None:
+    with pytest.raises(ValueError):
+        Batcher(Recorder(), max_batch=1, linger_seconds=-1)

@@ -235,6 +235,7 @@ class SenderConfig:
     expiry_margin_seconds: int = 3600
     lease_seconds: float = 60.0
     retry_batch_size: int = 500
+    batch_linger_seconds: float = 0.0
 
 
 @dataclass
@@ -270,6 +271,7 @@ class SenderService:
             max_batch=MAX_PLAN_BATCH,
             retry_alone=lambda error: not is_transient_db_error(error),
             run_again=is_lock_conflict,
+            linger_seconds=config.batch_linger_seconds,
         )
 
     # -- resolving a dialog -------------------------------------------------------------

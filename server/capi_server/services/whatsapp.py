@@ -123,6 +123,7 @@ class WhatsAppService:
         llm: QualificationLlm | None,
         *,
         dry_run: bool = False,
+        batch_linger_seconds: float = 0.0,
     ) -> None:
         self.db = db
         self.sender = sender
@@ -134,11 +135,13 @@ class WhatsAppService:
             max_batch=MAX_INGEST_BATCH,
             retry_alone=lambda error: not is_transient_db_error(error),
             run_again=is_lock_conflict,
+            linger_seconds=batch_linger_seconds,
         )
         # Concurrent AnalyzeDialog calls read their dialog rows in one query.
         self._dialog_reader: Batcher[int, dialogs_repo.DialogState] = Batcher(
             self._read_dialogs,
             max_batch=MAX_INGEST_BATCH,  # also the most calls in flight
+            linger_seconds=batch_linger_seconds,
         )
         # One LLM analysis per dialog at a time: later callers share the running one.
         self._inflight: dict[tuple[int, bool, bool], asyncio.Task[AnalysisResult]] = {}
