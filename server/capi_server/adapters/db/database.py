@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -79,13 +80,37 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
         return engine
     # hide_parameters: error texts must not carry bound values (phones, texts, tokens).
-    return create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        hide_parameters=True,
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+# A pooled connection unused this long is pinged before use (a database restart or an
+# idle timeout may have closed it). Pinging every checkout (pool_pre_ping) would add a
+# round trip to every batch; a busy connection that breaks fails one batch with
+# UNAVAILABLE, which callers retry, and the pool then replaces its connections.
+PING_AFTER_IDLE_SECONDS = 2.0
+
+
+def _ping_idle_connections(engine: AsyncEngine) -> None:
+    dialect = engine.dialect
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["capi_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("capi_idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError("idle connection failed its ping") from exc
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
