@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, case, insert, or_, select, update
+from sqlalchemy import Table, and_, case, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from capi_server.adapters.db.orm import CapiEventLogRow, DialogAnalysisRow, utcnow
@@ -57,30 +58,64 @@ async def claim_levels(
     return {row[0] for row in result}
 
 
+_LOG: Table = CapiEventLogRow.__table__  # type: ignore[assignment]
+_LOG_COLUMNS = frozenset(column.name for column in _LOG.columns if column.name != "id")
+
+# PostgreSQL: the rows as one JSON array expanded by json_populate_recordset, in order.
+# One statement text and one parameter for any number of rows: psycopg neither parses a
+# long multi-row VALUES list nor dumps an array per column on every call, and the JSON is
+# encoded in C. A value too long for its column is refused as by a plain INSERT. Rows are
+# inserted in order, so the ids the sequence gives them ascend in that order.
+_PG_INSERT_LOG_ROWS = text(
+    f"INSERT INTO {_LOG.name} ({', '.join(sorted(_LOG_COLUMNS))}) "
+    f"SELECT {', '.join(f'u.{name}' for name in sorted(_LOG_COLUMNS))} "
+    f"FROM json_populate_recordset(NULL::{_LOG.name}, CAST(:rows AS json)) "
+    "WITH ORDINALITY AS u ORDER BY u.ordinality RETURNING id"
+)
+
+
 async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
     """capi_events_log rows by Core INSERT ... RETURNING id (no ORM flush); their ids, in
-    order. Rows with the same columns go in one multi-row statement."""
+    order. Columns a row leaves out are NULL (attempts 0, created/updated at its `now`)."""
     if not rows:
         return []
-    table = CapiEventLogRow.__table__
-    ids: list[int] = [0] * len(rows)
-    by_columns: dict[frozenset[str], list[int]] = {}
-    for i, values in enumerate(rows):
-        by_columns.setdefault(frozenset(values), []).append(i)
+    full: list[dict[str, Any]] = []
+    for values in rows:
+        row = dict(values)
+        now = row.pop("now", None) or utcnow()
+        unknown = set(row) - _LOG_COLUMNS
+        if unknown:
+            raise ValueError(f"unknown capi_events_log columns: {sorted(unknown)}")
+        full.append({"created_at": now, "updated_at": now, "attempts": 0, **row})
     connection = await session.connection()
-    for indexes in by_columns.values():
-        params = []
-        for i in indexes:
-            values = dict(rows[i])
-            now = values.pop("now", None) or utcnow()
-            params.append({"created_at": now, "updated_at": now, "attempts": 0, **values})
-        result = await connection.execute(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
-            params,
+    if connection.dialect.name == "postgresql":
+        document = json.dumps(
+            [{k: _json_value(v) for k, v in row.items() if v is not None} for row in full],
+            ensure_ascii=False,
         )
-        for i, row in zip(indexes, result, strict=True):
-            ids[i] = int(row[0])
+        result = await connection.execute(_PG_INSERT_LOG_ROWS, {"rows": document})
+        return sorted(int(returned[0]) for returned in result)
+    # SQLite: one multi-row statement per set of columns given.
+    ids: list[int] = [0] * len(full)
+    by_columns: dict[frozenset[str], list[int]] = {}
+    for i, values in enumerate(full):
+        by_columns.setdefault(frozenset(values), []).append(i)
+    for indexes in by_columns.values():
+        result = await connection.execute(
+            insert(_LOG).returning(_LOG.c.id, sort_by_parameter_order=True),
+            [full[i] for i in indexes],
+        )
+        for i, returned in zip(indexes, result, strict=True):
+            ids[i] = int(returned[0])
     return ids
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a capi_events_log column")
+        return value.isoformat()
+    return value
 
 
 async def latest_log_row(
