@@ -25,18 +25,34 @@ def _event_id_column(level: Level) -> Any:
     return getattr(DialogAnalysisRow, f"capi_{level.column}_event_id")
 
 
+def _is_postgresql(session: AsyncSession) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "postgresql"
+
+
+# PostgreSQL: constant statement texts with array parameters, so that neither SQLAlchemy
+# builds nor psycopg parses a statement per batch (an IN list or a CASE of one branch per
+# dialog is new text for every batch size, and is not cached past 50 parameters).
+_PG_LOCK_DIALOGS = text(
+    "SELECT id FROM dialog_analysis WHERE id = ANY(CAST(:ids AS bigint[])) "
+    "ORDER BY id FOR NO KEY UPDATE"
+)
+_PG_CLAIM_LEVEL = {
+    level: text(
+        f"UPDATE dialog_analysis AS d SET capi_{level.column}_event_id = c.event_id, "
+        "updated_at = :now FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS text[])) "
+        f"AS c(id, event_id) WHERE d.id = c.id AND d.capi_{level.column}_event_id IS NULL "
+        "RETURNING d.id"
+    )
+    for level in Level
+}
+
+
 async def lock_dialogs(session: AsyncSession, dialog_ids: Collection[int]) -> None:
     """Locks the dialogs' rows in id order (PostgreSQL; SQLite locks the whole database),
     so that a transaction claiming several levels of several dialogs takes its row locks
     in the same order as every other batch."""
-    if dialog_ids and session.bind is not None and session.bind.dialect.name == "postgresql":
-        table: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
-        await (await session.connection()).execute(
-            select(table.c.id)
-            .where(table.c.id.in_(sorted(dialog_ids)))
-            .order_by(table.c.id)
-            .with_for_update(key_share=True)
-        )
+    if dialog_ids and _is_postgresql(session):
+        await (await session.connection()).execute(_PG_LOCK_DIALOGS, {"ids": sorted(dialog_ids)})
 
 
 async def claim_levels(
@@ -47,11 +63,19 @@ async def claim_levels(
     dialog ids claimed by this call (the others were claimed before)."""
     if not event_ids:
         return set()
+    connection = await session.connection()
+    ids = sorted(event_ids)
+    if _is_postgresql(session):
+        result = await connection.execute(
+            _PG_CLAIM_LEVEL[level],
+            {"ids": ids, "event_ids": [event_ids[i] for i in ids], "now": now},
+        )
+        return {row[0] for row in result}
     table: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
     column = table.c[f"capi_{level.column}_event_id"]
-    result = await (await session.connection()).execute(
+    result = await connection.execute(
         update(table)
-        .where(table.c.id.in_(sorted(event_ids)), column.is_(None))
+        .where(table.c.id.in_(ids), column.is_(None))
         .values({column: case(event_ids, value=table.c.id), table.c.updated_at: now})
         .returning(table.c.id)
     )
@@ -135,6 +159,22 @@ async def latest_log_row(
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
+_PG_MARK_LOG_ROWS_SENT = text(
+    "UPDATE capi_events_log SET status = :status, facebook_response = CAST(:response AS jsonb), "
+    "attempts = attempts + 1, next_attempt_at = NULL, locked_until = NULL, error_code = NULL, "
+    "error_subcode = NULL, error_message = NULL, hint = NULL, updated_at = :now "
+    "WHERE id = ANY(CAST(:ids AS bigint[]))"
+)
+_PG_MARK_LEVEL_SENT = {
+    level: text(
+        f"UPDATE dialog_analysis SET capi_{level.column}_sent = true, "
+        f"capi_{level.column}_sent_at = :now, updated_at = :now "
+        "WHERE id = ANY(CAST(:ids AS bigint[]))"
+    )
+    for level in Level
+}
+
+
 async def mark_success(
     session: AsyncSession,
     sent: Sequence[tuple[int, int, Level]],
@@ -145,9 +185,30 @@ async def mark_success(
     their log rows and one per level of their dialogs, however many events."""
     if not sent:
         return
+    log_ids = sorted(log_id for log_id, _, _ in sent)
+    by_level = {
+        level: sorted(dialog_id for _, dialog_id, lvl in sent if lvl is level) for level in Level
+    }
+    if _is_postgresql(session):
+        connection = await session.connection()
+        await connection.execute(
+            _PG_MARK_LOG_ROWS_SENT,
+            {
+                "status": EventStatus.SUCCESS.value,
+                "response": json.dumps(response, ensure_ascii=False),
+                "now": now,
+                "ids": log_ids,
+            },
+        )
+        for level, dialog_ids in by_level.items():
+            if dialog_ids:
+                await connection.execute(
+                    _PG_MARK_LEVEL_SENT[level], {"ids": dialog_ids, "now": now}
+                )
+        return
     await session.execute(
         update(CapiEventLogRow)
-        .where(CapiEventLogRow.id.in_([log_id for log_id, _, _ in sent]))
+        .where(CapiEventLogRow.id.in_(log_ids))
         .values(
             status=EventStatus.SUCCESS.value,
             facebook_response=response,
@@ -162,8 +223,7 @@ async def mark_success(
         )
         .execution_options(synchronize_session=False)
     )
-    for level in Level:
-        dialog_ids = [dialog_id for _, dialog_id, lvl in sent if lvl is level]
+    for level, dialog_ids in by_level.items():
         if not dialog_ids:
             continue
         await session.execute(
