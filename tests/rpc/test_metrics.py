@@ -108,6 +108,10 @@ async def test_scrape_after_send_conversion_shows_the_flow(stubs: Stubs, graph: 
     assert delta(before, after, "capi_graph_request_duration_seconds_count", **graph_ok) == 1
     assert delta(before, after, "capi_graph_batch_events_count") == 1
     assert delta(before, after, "capi_graph_batch_events_sum") == 1
+    # One after the other: each call went through a batch of one (the tests' settings
+    # cache is off, so the second cannot be answered from the caches alone).
+    assert delta(before, after, "capi_batch_items_count", batch="plan_sends") == 2
+    assert delta(before, after, "capi_batch_items_sum", batch="plan_sends") == 2
     assert len(graph.posts()) == 1
 
 

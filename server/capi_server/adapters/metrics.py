@@ -69,6 +69,13 @@ GRAPH_BATCH_SIZE = Histogram(
     buckets=_BATCH_BUCKETS,
     registry=REGISTRY,
 )
+BATCH_ITEMS = Histogram(
+    "capi_batch_items",
+    "Calls carried per group-commit batch (one transaction or one query), by batch",
+    ["batch"],
+    buckets=_BATCH_BUCKETS,
+    registry=REGISTRY,
+)
 LLM_CALLS = Counter(
     "capi_llm_calls",
     "LLM calls by operation and outcome (ok, transient_error, permanent_error)",
@@ -125,6 +132,10 @@ def observe_graph_request(
     GRAPH_DURATION.labels(edge, outcome).observe(seconds)
     if batch_size is not None:
         GRAPH_BATCH_SIZE.observe(batch_size)
+
+
+def observe_batch(batch: str, items: int) -> None:
+    BATCH_ITEMS.labels(batch).observe(items)
 
 
 def observe_llm_call(

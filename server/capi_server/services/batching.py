@@ -20,6 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from capi_server.adapters import metrics
+
 log = logging.getLogger("capi_server.batching")
 
 ItemT = TypeVar("ItemT")
@@ -52,6 +54,7 @@ class Batcher(Generic[ItemT, ResultT]):
         retry_alone: Callable[[Exception], bool] = lambda error: False,
         run_again: Callable[[Exception], bool] = lambda error: False,
         linger_seconds: float = 0.0,
+        name: str = "",
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -61,7 +64,8 @@ class Batcher(Generic[ItemT, ResultT]):
         self._max_batch = max_batch
         self._retry_alone = retry_alone
         self._run_again = run_again
-        self._name = getattr(run_batch, "__name__", "")
+        # Names the batch in logs and in the capi_batch_items metric.
+        self._name = name or getattr(run_batch, "__name__", "batch").lstrip("_")
         self._queue: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
         self._runner: asyncio.Task[None] | None = None
         self._linger = linger_seconds
@@ -100,6 +104,7 @@ class Batcher(Generic[ItemT, ResultT]):
                 del self._queue[: len(batch)]
                 self.batches += 1
                 self.items += len(batch)
+                metrics.observe_batch(self._name, len(batch))
                 try:
                     results = await self._run([item for item, _ in batch])
                     for (_, future), result in zip(batch, results, strict=True):

@@ -272,6 +272,7 @@ class SenderService:
             retry_alone=lambda error: not is_transient_db_error(error),
             run_again=is_lock_conflict,
             linger_seconds=config.batch_linger_seconds,
+            name="plan_sends",
         )
 
     # -- resolving a dialog -------------------------------------------------------------

@@ -136,12 +136,14 @@ class WhatsAppService:
             retry_alone=lambda error: not is_transient_db_error(error),
             run_again=is_lock_conflict,
             linger_seconds=batch_linger_seconds,
+            name="store_messages",
         )
         # Concurrent AnalyzeDialog calls read their dialog rows in one query.
         self._dialog_reader: Batcher[int, dialogs_repo.DialogState] = Batcher(
             self._read_dialogs,
             max_batch=MAX_INGEST_BATCH,  # also the most calls in flight
             linger_seconds=batch_linger_seconds,
+            name="read_dialogs",
         )
         # One LLM analysis per dialog at a time: later callers share the running one.
         self._inflight: dict[tuple[int, bool, bool], asyncio.Task[AnalysisResult]] = {}
