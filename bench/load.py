@@ -17,6 +17,7 @@ from multiprocessing.queues import Queue
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from bench.echo import ECHO_METHOD
 from capi.v1 import capi_sender_service_pb2 as spb
@@ -30,6 +31,7 @@ METHODS = {
     "check_crm": "/capi.v1.QualificationService/CheckCrmFields",
     "send": "/capi.v1.CapiSenderService/SendConversion",
     "list_events": "/capi.v1.CapiSenderService/ListEvents",
+    "health": "/grpc.health.v1.Health/Check",
 }
 
 MESSAGE_TEXT = "Здравствуйте! Сколько стоит консультация и можно записаться на завтра?"
@@ -97,6 +99,9 @@ def make_factory(kind: str, params: dict[str, Any]) -> RequestFactory:
             for e in params["entity_ids"]
         ]
         return lambda i: checks[i % len(checks)]
+    if kind == "health":
+        check = health_pb2.HealthCheckRequest().SerializeToString()
+        return lambda i: check
     raise ValueError(f"unknown load kind {kind!r}")
 
 

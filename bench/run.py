@@ -49,7 +49,7 @@ from bench import database, sampler
 from bench.echo import serve_echo
 from bench.fakes import serve_fakes
 from bench.load import LoadResult, LoadSpec, phone
-from bench.processes import ChildProcess, CpuMeter, ServerProcess, drive, rss_mb
+from bench.processes import ChildProcess, CpuMeter, ServerProcess, drive, free_port, rss_mb
 from capi.v1 import capi_sender_service_pb2 as spb
 from capi.v1 import capi_sender_service_pb2_grpc as spb_grpc
 from capi.v1 import qualification_service_pb2 as qpb
@@ -259,6 +259,8 @@ class Bench:
         self.watched: dict[str, int] = {}
         # Databases of the scale step, dropped by close().
         self.extra_databases: list[str] = []
+        # The Prometheus endpoint of each server, by gRPC target (batch sizes per scenario).
+        self.metrics_urls: dict[str, str] = {}
 
     # -- processes ----------------------------------------------------------------------
 
@@ -288,13 +290,19 @@ class Bench:
         args: list[str] | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> ServerProcess:
+        metrics_port = free_port()
         server = ServerProcess(
             args or ["-m", "capi_server", "serve", "--migrate"],
-            {**self.server_env(database_url), **(extra_env or {})},
+            {
+                **self.server_env(database_url),
+                "CAPI_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+                **(extra_env or {}),
+            },
             self.workdir / f"{name}.log",
         )
         self._servers.append(server)
         server.wait_serving()
+        self.metrics_urls[server.target] = f"http://127.0.0.1:{metrics_port}/metrics"
         return server
 
     def stop_server(self, server: ServerProcess) -> None:
@@ -330,9 +338,32 @@ class Bench:
 
     def measure(self, spec: LoadSpec, *, echo: float | None = None, note: str = "") -> LoadResult:
         meter = CpuMeter(self.watched)
+        batches_before = self.batch_totals(spec.target)
         (result,) = drive([spec])
-        self.record(result, echo=echo, note=note, cpu=meter.cores())
+        cpu = meter.cores()
+        batched = batch_sizes(batches_before, self.batch_totals(spec.target))
+        note = "; ".join(filter(None, [note, batched]))
+        self.record(result, echo=echo, note=note, cpu=cpu)
         return result
+
+    def batch_totals(self, target: str) -> dict[str, list[float]]:
+        """{batch: [batches, calls]} from the server's capi_batch_items metric so far."""
+        url = self.metrics_urls.get(target)
+        if url is None:
+            return {}
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return {}
+        totals: dict[str, list[float]] = {}
+        for line in text.splitlines():
+            if line.startswith(("capi_batch_items_count{", "capi_batch_items_sum{")):
+                labels, _, number = line.rpartition(" ")
+                batch = labels.split('batch="', 1)[1].split('"', 1)[0]
+                slot = 0 if line.startswith("capi_batch_items_count") else 1
+                totals.setdefault(batch, [0.0, 0.0])[slot] = float(number)
+        return totals
 
     def record(
         self,
@@ -428,6 +459,12 @@ class Bench:
         self.echo_cps = echo.calls_per_second
         self.report.rows[-1].ratio = 1.0
         self.report.summary["echo_cps"] = f"{self.echo_cps:.0f}"
+        # The capi server's own floor: its gRPC stack and interceptors, no work behind.
+        health = self.measure(
+            self.spec("health", target, "health", {}),
+            note="grpc.health.v1 Check: this server's gRPC stack and interceptors, no work",
+        )
+        self.report.summary["health"] = f"{health.calls_per_second / self.echo_cps:.2f}"
 
         ingest = self.measure(
             self.spec("ingest", target, "ingest", {**wa_params, "phone_base": PHONES["ingest"]})
@@ -956,6 +993,17 @@ class Bench:
             self.report.profiles[name] = text
             say(f"bench: profile of {name} -> bench/results/profile_{name}.txt")
             say("\n".join(text.splitlines()[:60]))
+
+
+def batch_sizes(before: dict[str, list[float]], after: dict[str, list[float]]) -> str:
+    """ "plan_sends 7.9 calls/batch" for the batches that ran between two scrapes."""
+    parts = []
+    for batch, (count, total) in sorted(after.items()):
+        count -= before.get(batch, [0.0, 0.0])[0]
+        total -= before.get(batch, [0.0, 0.0])[1]
+        if count > 0:
+            parts.append(f"{batch} {total / count:.1f} calls/batch")
+    return ", ".join(parts)
 
 
 def dialogs_of_phones(url: str, base: int, count: int) -> list[int]:
