@@ -11,6 +11,7 @@ from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from capi_server.adapters.db.events_repo import lock_dialogs
 from capi_server.adapters.db.orm import (
     AdAccountRow,
     DialogAnalysisRow,
@@ -367,13 +368,37 @@ _COUNT_CLIENT_MESSAGES = (
 )
 
 
+_PG_COUNT_CLIENT_MESSAGES = text(
+    "UPDATE dialog_analysis AS d SET client_message_count = d.client_message_count + c.added, "
+    "last_message_at = c.last_at, updated_at = :now FROM unnest(CAST(:ids AS bigint[]), "
+    "CAST(:added AS integer[]), CAST(:last_at AS timestamptz[])) AS c(id, added, last_at) "
+    "WHERE d.id = c.id"
+)
+
+
 async def count_client_messages(
     session: AsyncSession, added: dict[int, tuple[int, datetime]], *, now: datetime
 ) -> None:
     """Adds {dialog_id: (new client messages, last one's time)} to the dialogs' counters,
     in dialog id order (the order every batch locks dialogs in)."""
-    if added:
-        await (await session.connection()).execute(
+    if not added:
+        return
+    connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        # Locked in id order first: an UPDATE ... FROM takes its row locks in join order.
+        await lock_dialogs(session, added)
+        ids = sorted(added)
+        await connection.execute(
+            _PG_COUNT_CLIENT_MESSAGES,
+            {
+                "ids": ids,
+                "added": [added[i][0] for i in ids],
+                "last_at": [added[i][1] for i in ids],
+                "now": now,
+            },
+        )
+    else:
+        await connection.execute(
             _COUNT_CLIENT_MESSAGES,
             [
                 {"dialog": dialog_id, "added": n, "last_at": last_at, "now": now}
