@@ -60,6 +60,12 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
+    # Neither formatter prints the caller's file and line, thread or process: not looked up
+    # for every record (a stack walk on the serving path).
+    logging._srcfile = None  # the switch the logging docs give for this
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(ContextFilter())

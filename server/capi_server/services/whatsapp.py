@@ -375,8 +375,9 @@ class WhatsAppService:
         analysis: LlmAnalysis | None = None
         messages: list[DialogMessage] = []
         if not skip_llm:
-            # Logged when there is an analysis to start; the "complete" line below is
-            # logged for every call, with the reason when the LLM was not asked.
+            # Logged when there is an analysis to start; the "complete" line below too, and
+            # at DEBUG (with the reason) when the LLM was not asked: chatbot-service calls
+            # after every reply, and the answer carries the reason anyway.
             log.info(
                 "[qualificationAgent] Starting qualification analysis",
                 extra={"dialogId": dialog.id},
@@ -451,7 +452,8 @@ class WhatsAppService:
             (d.level for d in result.levels if d.reached and d.level not in result.held),
             default=None,
         )
-        log.info(
+        log.log(
+            logging.INFO if result.llm_called else logging.DEBUG,
             "[qualificationAgent] Qualification analysis complete",
             extra={
                 "dialogId": dialog_id,
