@@ -265,29 +265,23 @@ async def ensure_dialog(
     return (await ensure_dialogs(session, [contact], now=now))[contact.key]
 
 
+_DIALOGS_AND_LEADS = (
+    select(DialogAnalysisRow, LeadRow)
+    .join(LeadRow, LeadRow.id == DialogAnalysisRow.lead_id)
+    .where(DialogAnalysisRow.id.in_(bindparam("ids", expanding=True)))
+)
+
+
 async def load_dialogs_and_leads(
     session: AsyncSession, dialog_ids: Collection[int]
 ) -> list[DialogAnalysisRow | LeadRow]:
-    """Loads the dialogs and their leads into the session in two statements, so that
+    """Loads the dialogs and their leads into the session in one statement, so that
     `session.get` finds them without a query each. Keep the returned list referenced while
     they are needed: the identity map holds rows weakly."""
     if not dialog_ids:
         return []
-    dialogs = list(
-        (
-            await session.execute(
-                select(DialogAnalysisRow).where(DialogAnalysisRow.id.in_(sorted(dialog_ids)))
-            )
-        ).scalars()
-    )
-    leads = list(
-        (
-            await session.execute(
-                select(LeadRow).where(LeadRow.id.in_(sorted({d.lead_id for d in dialogs})))
-            )
-        ).scalars()
-    )
-    return [*dialogs, *leads]
+    rows = await session.execute(_DIALOGS_AND_LEADS, {"ids": sorted(dialog_ids)})
+    return [row for pair in rows for row in pair]
 
 
 @dataclass(frozen=True, slots=True)
