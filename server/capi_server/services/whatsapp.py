@@ -315,6 +315,12 @@ class WhatsAppService:
                     metadata={"instance_name": ref.instance_name or ""},
                 )
             dialog_id = keys.dialog_id
+        # Most calls need no LLM (nothing new since the last analysis): decided from the
+        # dialog's row (read with the other calls' rows) and answered in this task.
+        dialog = await self._dialog_reader.submit(dialog_id)
+        snapshot = await self.sender.direction(dialog.direction_id)
+        if self._llm_skip_reason(dialog, snapshot, force):
+            return await self._decide(dialog, snapshot, dry_run=dry_run, force=force)
         key = (dialog_id, dry_run, force)
         running = self._inflight.get(key)
         if running is None:
@@ -342,36 +348,56 @@ class WhatsAppService:
             for dialog_id in dialog_ids
         ]
 
-    async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
-        # The dialog row (read now, with the other calls' rows) and the (cached) direction
-        # are all the decision needs; the messages are read only when the LLM is called.
-        dialog = await self._dialog_reader.submit(dialog_id)
-        snapshot = await self.sender.direction(dialog.direction_id)
-        result = AnalysisResult(dialog_id=dialog.id)
+    def _llm_skip_reason(
+        self, dialog: dialogs_repo.DialogState, snapshot: DirectionSnapshot, force: bool
+    ) -> str:
+        """Why this call will not ask the LLM ("" when it will)."""
         capi = snapshot.direction.capi
         if not capi.enabled:
-            result.skipped_reason = "CAPI disabled for the direction"
-            return result
+            return "CAPI disabled for the direction"
         if capi.source is CapiSource.CRM:
-            result.skipped_reason = "direction source is crm"
+            return "direction source is crm"
+        nothing_new = dialog.client_message_count <= dialog.analyzed_client_message_count
+        if self.llm is None:
+            return REASON_LLM_NOT_CONFIGURED
+        if not snapshot.direction.qualification_prompt:
+            return REASON_NO_PROMPT
+        if dialog.capi_qualified_event_id and dialog.capi_scheduled_event_id:
+            return REASON_ALL_SENT
+        if nothing_new and not force and dialog.analyzed_at is not None:
+            return REASON_NOTHING_NEW
+        if dialog.client_message_count == 0:
+            return "no client message yet"
+        return ""
+
+    async def _analyze(self, dialog_id: int, *, dry_run: bool, force: bool) -> AnalysisResult:
+        # Read again: the state may have moved while this call waited to start.
+        dialog = await self._dialog_reader.submit(dialog_id)
+        snapshot = await self.sender.direction(dialog.direction_id)
+        return await self._decide(dialog, snapshot, dry_run=dry_run, force=force)
+
+    async def _decide(
+        self,
+        dialog: dialogs_repo.DialogState,
+        snapshot: DirectionSnapshot,
+        *,
+        dry_run: bool,
+        force: bool,
+    ) -> AnalysisResult:
+        # The dialog row and the (cached) direction are all the decision needs; the
+        # messages are read only when the LLM is called.
+        dialog_id = dialog.id
+        result = AnalysisResult(dialog_id=dialog_id)
+        capi = snapshot.direction.capi
+        if not capi.enabled or capi.source is CapiSource.CRM:
+            # Nothing to decide: the reason is the whole answer.
+            result.skipped_reason = self._llm_skip_reason(dialog, snapshot, force)
             return result
         rule = interest_reached(
             [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
         )
         prompt = snapshot.direction.qualification_prompt
-        nothing_new = dialog.client_message_count <= dialog.analyzed_client_message_count
-        upper_sent = bool(dialog.capi_qualified_event_id and dialog.capi_scheduled_event_id)
-        skip_llm = ""
-        if self.llm is None:
-            skip_llm = REASON_LLM_NOT_CONFIGURED
-        elif not prompt:
-            skip_llm = REASON_NO_PROMPT
-        elif upper_sent:
-            skip_llm = REASON_ALL_SENT
-        elif nothing_new and not force and dialog.analyzed_at is not None:
-            skip_llm = REASON_NOTHING_NEW
-        elif dialog.client_message_count == 0:
-            skip_llm = "no client message yet"
+        skip_llm = self._llm_skip_reason(dialog, snapshot, force)
         analysis: LlmAnalysis | None = None
         messages: list[DialogMessage] = []
         if not skip_llm:
