@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import psycopg
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -67,6 +68,19 @@ def fresh_pg_database(prefix: str = "capi_rel") -> Iterator[str]:
         yield url
     finally:
         drop_pg_database(url)
+
+
+def terminate_backends(url: str) -> int:
+    """pg_terminate_backend on every connection to the test database but this one."""
+    parsed = make_url(url)
+    libpq = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (parsed.database,),
+        ).fetchall()
+    return len(rows)
 
 
 def sync_url(url: str) -> str:

@@ -7,9 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-import psycopg
 from sqlalchemy import text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from capi.v1 import resources_pb2 as res
 from tests.fakes.graph import FakeGraph
@@ -24,22 +23,10 @@ from tests.reliability.support import (
     send_request,
     server_env,
     sync_engine,
+    terminate_backends,
 )
 
 LEVEL_COLUMNS = {1: "interest", 2: "qualified", 3: "scheduled"}
-
-
-def terminate_backends(url: str) -> int:
-    """pg_terminate_backend on every connection to the test database but this one."""
-    parsed = make_url(url)
-    libpq = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (parsed.database,),
-        ).fetchall()
-    return len(rows)
 
 
 def half_written(engine: Engine) -> list[str]:
