@@ -22,6 +22,7 @@ from capi_server.adapters.db.orm import (
     utcnow,
 )
 from capi_server.adapters.db.secrets import TokenCipher, UndecryptableSecret
+from capi_server.adapters.db.types import json_rows
 from capi_server.domain.errors import FailedPrecondition, NotFound
 
 
@@ -105,13 +106,15 @@ _SQLITE_STATEMENTS: dict[str, Any] = {
     .returning(_MESSAGES.c.dialog_id, _MESSAGES.c.message_id),
 }
 
-# PostgreSQL: one statement text whatever the number of rows (arrays, unnest), so
-# psycopg parses it once; a multi-row VALUES list is new text for every batch size.
+# PostgreSQL: one statement text and one JSON parameter whatever the number of rows
+# (json_to_recordset), so psycopg parses the text once and dumps no arrays; a multi-row
+# VALUES list is new text for every batch size.
 _PG_UPSERT_LEADS = text(
     "INSERT INTO leads (direction_id, contact_key, contact_phone, from_ad_without_click_id, "
     "created_at, updated_at) "
-    "SELECT d, k, p, false, :now, :now FROM unnest(CAST(:direction_id AS bigint[]), "
-    "CAST(:contact_key AS text[]), CAST(:contact_phone AS text[])) AS t(d, k, p) "
+    "SELECT direction_id, contact_key, contact_phone, false, :now, :now "
+    "FROM json_to_recordset(CAST(:rows AS json)) "
+    "AS t(direction_id bigint, contact_key text, contact_phone text) "
     "ON CONFLICT (direction_id, contact_key) DO UPDATE SET updated_at = excluded.updated_at "
     "RETURNING id, direction_id, contact_key"
 )
@@ -120,18 +123,19 @@ _PG_UPSERT_DIALOGS = text(
     "capi_interest_sent, capi_qualified_sent, capi_scheduled_sent, client_message_count, "
     "analyzed_client_message_count, is_interested, is_qualified, is_scheduled, held_levels, "
     "created_at, updated_at) "
-    "SELECT l, d, i, p, false, false, false, 0, 0, false, false, false, CAST('{}' AS jsonb), "
-    ":now, :now FROM unnest(CAST(:lead_id AS bigint[]), CAST(:direction_id AS bigint[]), "
-    "CAST(:instance_name AS text[]), CAST(:contact_phone AS text[])) AS t(l, d, i, p) "
+    "SELECT lead_id, direction_id, instance_name, contact_phone, false, false, false, 0, 0, "
+    "false, false, false, CAST('{}' AS jsonb), :now, :now "
+    "FROM json_to_recordset(CAST(:rows AS json)) "
+    "AS t(lead_id bigint, direction_id bigint, instance_name text, contact_phone text) "
     "ON CONFLICT (lead_id) DO UPDATE SET updated_at = excluded.updated_at "
     "RETURNING id, lead_id"
 )
 _PG_INSERT_MESSAGES = text(
     "INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, message_type, "
     "sent_at, created_at) "
-    "SELECT d, m, f, x, y, s, :now FROM unnest(CAST(:dialog_id AS bigint[]), "
-    "CAST(:message_id AS text[]), CAST(:from_me AS boolean[]), CAST(:text AS text[]), "
-    "CAST(:message_type AS text[]), CAST(:sent_at AS timestamptz[])) AS t(d, m, f, x, y, s) "
+    "SELECT dialog_id, message_id, from_me, text, message_type, sent_at, :now "
+    "FROM json_to_recordset(CAST(:rows AS json)) AS t(dialog_id bigint, message_id text, "
+    "from_me boolean, text text, message_type text, sent_at timestamptz) "
     "ON CONFLICT (dialog_id, message_id) DO NOTHING "
     "RETURNING dialog_id, message_id"
 )
@@ -151,12 +155,11 @@ async def _insert_rows(
     now: datetime,
 ) -> Any:
     """Runs insert statement `name` for `rows` (the columns that vary; `constants` are the
-    same for every row): on PostgreSQL as one array per column for its unnest() text, on
-    SQLite as a multi-row INSERT. Returns the RETURNING rows."""
+    same for every row): on PostgreSQL as one JSON document for its json_to_recordset()
+    text, on SQLite as a multi-row INSERT. Returns the RETURNING rows."""
     connection = await session.connection()
     if connection.dialect.name == "postgresql":
-        arrays = {column: [row[column] for row in rows] for column in rows[0]}
-        return await connection.execute(_PG_STATEMENTS[name], {**arrays, "now": now})
+        return await connection.execute(_PG_STATEMENTS[name], {"rows": json_rows(rows), "now": now})
     return await connection.execute(
         _SQLITE_STATEMENTS[name], [{**row, **constants} for row in rows]
     )
@@ -391,9 +394,8 @@ _COUNT_CLIENT_MESSAGES = (
 
 _PG_COUNT_CLIENT_MESSAGES = text(
     "UPDATE dialog_analysis AS d SET client_message_count = d.client_message_count + c.added, "
-    "last_message_at = c.last_at, updated_at = :now FROM unnest(CAST(:ids AS bigint[]), "
-    "CAST(:added AS integer[]), CAST(:last_at AS timestamptz[])) AS c(id, added, last_at) "
-    "WHERE d.id = c.id"
+    "last_message_at = c.last_at, updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) "
+    "AS c(id bigint, added integer, last_at timestamptz) WHERE d.id = c.id"
 )
 
 
@@ -408,16 +410,11 @@ async def count_client_messages(
     if connection.dialect.name == "postgresql":
         # Locked in id order first: an UPDATE ... FROM takes its row locks in join order.
         await lock_dialogs(session, added)
-        ids = sorted(added)
-        await connection.execute(
-            _PG_COUNT_CLIENT_MESSAGES,
-            {
-                "ids": ids,
-                "added": [added[i][0] for i in ids],
-                "last_at": [added[i][1] for i in ids],
-                "now": now,
-            },
-        )
+        rows = [
+            {"id": dialog_id, "added": n, "last_at": last_at}
+            for dialog_id, (n, last_at) in sorted(added.items())
+        ]
+        await connection.execute(_PG_COUNT_CLIENT_MESSAGES, {"rows": json_rows(rows), "now": now})
     else:
         await connection.execute(
             _COUNT_CLIENT_MESSAGES,

@@ -12,6 +12,7 @@ from sqlalchemy import Table, and_, case, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from capi_server.adapters.db.orm import CapiEventLogRow, DialogAnalysisRow, utcnow
+from capi_server.adapters.db.types import json_rows
 from capi_server.domain.events import EventStatus
 from capi_server.domain.levels import Level
 
@@ -113,11 +114,7 @@ async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]])
         full.append({"created_at": now, "updated_at": now, "attempts": 0, **row})
     connection = await session.connection()
     if connection.dialect.name == "postgresql":
-        document = json.dumps(
-            [{k: _json_value(v) for k, v in row.items() if v is not None} for row in full],
-            ensure_ascii=False,
-        )
-        result = await connection.execute(_PG_INSERT_LOG_ROWS, {"rows": document})
+        result = await connection.execute(_PG_INSERT_LOG_ROWS, {"rows": json_rows(full)})
         return sorted(int(returned[0]) for returned in result)
     # SQLite: one multi-row statement per set of columns given.
     ids: list[int] = [0] * len(full)
@@ -132,14 +129,6 @@ async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]])
         for i, returned in zip(indexes, result, strict=True):
             ids[i] = int(returned[0])
     return ids
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a capi_events_log column")
-        return value.isoformat()
-    return value
 
 
 async def latest_log_row(
