@@ -89,13 +89,21 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 # A pooled connection unused this long is pinged before use (a database restart or an
 # idle timeout may have closed it). Pinging every checkout (pool_pre_ping) would add a
-# round trip to every batch; a busy connection that breaks fails one batch with
-# UNAVAILABLE, which callers retry, and the pool then replaces its connections.
+# round trip to every batch, so connections in steady use are not pinged, except for a
+# while after any lost connection: then every checkout is pinged, as pool_pre_ping would,
+# because a database that dropped one connection may have dropped the others.
 PING_AFTER_IDLE_SECONDS = 2.0
+PING_ALL_AFTER_DISCONNECT_SECONDS = 30.0
 
 
 def _ping_idle_connections(engine: AsyncEngine) -> None:
     dialect = engine.dialect
+    last_disconnect = [float("-inf")]
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        if context.is_disconnect:
+            last_disconnect[0] = time.monotonic()
 
     @event.listens_for(engine.sync_engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -104,13 +112,18 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "checkout")
     def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         idle_since = record.info.get("capi_idle_since")
-        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+        now = time.monotonic()
+        if idle_since is None:
+            return  # just opened
+        recently_lost = now - last_disconnect[0] < PING_ALL_AFTER_DISCONNECT_SECONDS
+        if now - idle_since < PING_AFTER_IDLE_SECONDS and not recently_lost:
             return
         try:
             dialect.do_ping(dbapi_connection)
         except Exception as exc:
+            last_disconnect[0] = time.monotonic()
             # The pool discards this connection and checks out (or opens) another.
-            raise DisconnectionError("idle connection failed its ping") from exc
+            raise DisconnectionError("pooled connection failed its ping") from exc
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
