@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from capi_server.adapters.db import database
-from capi_server.adapters.db.database import create_engine, is_transient_db_error
+from capi_server.adapters.db import database, dialogs_repo
+from capi_server.adapters.db.database import Database, create_engine, is_transient_db_error
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.reliability.support import terminate_backends
 
@@ -70,3 +70,18 @@ async def test_after_a_lost_connection_every_checkout_is_pinged_for_a_while(
     assert terminate_backends(url) == 1
     # Used a moment ago, yet pinged at checkout (a connection was lost recently): replaced.
     assert await backend_pid(engine) not in (first, second)
+
+
+async def test_a_lost_connection_under_a_driver_level_query_is_transient(
+    pooled_then_terminated: tuple[AsyncEngine, int, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dialog_states runs on psycopg directly: a dropped connection still surfaces as the
+    transient error the interceptor answers UNAVAILABLE, and the pool drops it."""
+    engine, first, _ = pooled_then_terminated
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)
+    db = Database(engine)
+    with pytest.raises(Exception) as failed:
+        async with db.reader() as connection:
+            await dialogs_repo.dialog_states(connection, [1])
+    assert is_transient_db_error(failed.value)
+    assert await backend_pid(engine) != first

@@ -100,10 +100,10 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
     dialect = engine.dialect
     last_disconnect = [float("-inf")]
 
-    @event.listens_for(engine.sync_engine, "handle_error")
-    def _on_error(context: Any) -> None:
-        if context.is_disconnect:
-            last_disconnect[0] = time.monotonic()
+    @event.listens_for(engine.sync_engine, "invalidate")
+    def _on_invalidate(_dbapi_connection: Any, _record: Any, _exception: Any) -> None:
+        # A connection found broken (by SQLAlchemy, a ping, or a query run on the driver).
+        last_disconnect[0] = time.monotonic()
 
     @event.listens_for(engine.sync_engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from capi_server.adapters.db.events_repo import lock_dialogs
@@ -333,15 +335,31 @@ async def dialog_states(
         return {row.id: DialogState(*row) for row in rows}
     driver = (await connection.get_raw_connection()).driver_connection
     assert driver is not None
-    async with driver.cursor() as cursor:
-        await cursor.execute(_PG_DIALOG_STATES, {"ids": ids})
-        states: dict[int, DialogState] = {}
-        for row in await cursor.fetchall():
-            values = list(row)
-            for i in _DIALOG_STATE_TIMES:
-                if values[i] is not None:
-                    values[i] = values[i].astimezone(UTC)  # as UtcDateTime gives them
-            states[values[0]] = DialogState(*values)
+    try:
+        async with driver.cursor() as cursor:
+            await cursor.execute(_PG_DIALOG_STATES, {"ids": ids})
+            fetched = await cursor.fetchall()
+    except psycopg.Error as exc:
+        # What SQLAlchemy would do had it run the query: drop a broken connection from the
+        # pool, and raise its error type (a lost connection is then UNAVAILABLE, not INTERNAL).
+        broken = driver.closed or driver.broken
+        if broken:
+            await connection.invalidate(exc)
+        raise DBAPIError.instance(
+            _PG_DIALOG_STATES,
+            None,
+            exc,
+            psycopg.Error,
+            hide_parameters=True,
+            connection_invalidated=broken,
+        ) from exc
+    states: dict[int, DialogState] = {}
+    for row in fetched:
+        values = list(row)
+        for i in _DIALOG_STATE_TIMES:
+            if values[i] is not None:
+                values[i] = values[i].astimezone(UTC)  # as UtcDateTime gives them
+        states[values[0]] = DialogState(*values)
     return states
 
 

@@ -41,8 +41,9 @@ class UtcDateTime(TypeDecorator[datetime]):
 def json_rows(rows: Iterable[dict[str, Any]]) -> str:
     """Rows as one JSON array for PostgreSQL's json_to_recordset / json_populate_recordset:
     one statement text and one parameter for any number of rows, encoded in C (psycopg
-    dumps list parameters in Python, element by element). None is left out (NULL);
-    datetimes travel as ISO 8601 with their offset."""
+    dumps list parameters in Python, element by element). None is left out, so the column
+    is SQL NULL (for a JSON column too, where SQLAlchemy's JSON type would have stored a
+    JSON null; both read back as None); datetimes travel as ISO 8601 with their offset."""
     return json.dumps(
         [{k: _json_value(v) for k, v in row.items() if v is not None} for row in rows],
         ensure_ascii=False,
