@@ -156,6 +156,20 @@ async def test_a_caller_calling_in_a_loop_never_waits_for_the_linger() -> None:
     assert loop.time() - started < 0.5
 
 
+async def test_one_caller_submitting_many_items_is_not_load() -> None:
+    recorder = Recorder()
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=3, linger_seconds=0.5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for round_ in range(3):
+        # A multi-message webhook: several items of one call, more than a batch holds.
+        items = [round_ * 10 + i * 2 for i in range(5)]
+        assert await commit.submit_many(items) == [i * 10 for i in items]
+    assert commit.lingered == 0
+    assert loop.time() - started < 0.5
+    assert [len(batch) for batch in recorder.batches] == [3, 2] * 3
+
+
 class SlowRecorder(Recorder):
     """A batch that takes a few milliseconds, as a database round trip does."""
 

@@ -9,8 +9,8 @@ Under concurrent load a batch waits a moment (`linger_seconds`) before it starts
 PostgreSQL's commit_delay with commit_siblings: gRPC hands this process its calls one at a
 time, so without the wait a query that returns in a fraction of a millisecond would carry
 one or two of the 32 calls a client keeps in flight. "Concurrent load" is seen in the
-batches themselves: the previous batch ended moments ago and it carried more than one
-item, or left some waiting.
+batches themselves: the previous batch ended moments ago and it carried, or left
+waiting, the items of more than one caller.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ class Batcher(Generic[ItemT, ResultT]):
         self._run_again = run_again
         # Names the batch in logs and in the capi_batch_items metric.
         self._name = name or getattr(run_batch, "__name__", "batch").lstrip("_")
-        self._queue: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
+        # (item, its caller's future, which submit_many call queued it)
+        self._queue: list[tuple[ItemT, asyncio.Future[ResultT], int]] = []
+        self._submissions = 0
         self._runner: asyncio.Task[None] | None = None
         self._linger = linger_seconds
         # When the previous batch ended, and whether it showed concurrent callers.
@@ -84,10 +86,11 @@ class Batcher(Generic[ItemT, ResultT]):
         """Queues `items` (they may land in one batch or more); raises the first error."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[ResultT]] = []
+        self._submissions += 1
         for item in items:
             future: asyncio.Future[ResultT] = loop.create_future()
             future.add_done_callback(_retrieve)
-            self._queue.append((item, future))
+            self._queue.append((item, future, self._submissions))
             futures.append(future)
         if self._runner is None:
             self._runner = asyncio.create_task(self._drain())
@@ -104,10 +107,10 @@ class Batcher(Generic[ItemT, ResultT]):
                 del self._queue[: len(batch)]
                 self.batches += 1
                 self.items += len(batch)
-                metrics.observe_batch(self._name, len(batch))
                 try:
-                    results = await self._run([item for item, _ in batch])
-                    for (_, future), result in zip(batch, results, strict=True):
+                    metrics.observe_batch(self._name, len(batch))
+                    results = await self._run([item for item, _, _ in batch])
+                    for (_, future, _), result in zip(batch, results, strict=True):
                         if future.done():
                             continue
                         if isinstance(result, Exception):
@@ -116,21 +119,24 @@ class Batcher(Generic[ItemT, ResultT]):
                             future.set_result(result)
                 except Exception as exc:
                     # Also a result list of the wrong length: nobody is left waiting.
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                 except BaseException:
                     # Cancelled at shutdown: the callers must not wait forever.
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(asyncio.CancelledError())
                     raise
                 self._last_end = loop.time()
-                self._last_concurrent = len(batch) > 1 or bool(self._queue)
+                # Concurrent: more than one caller's items in this batch or waiting (one
+                # caller's many items, e.g. a multi-message webhook, are not load).
+                callers = {caller for _, _, caller in batch} | {c for _, _, c in self._queue}
+                self._last_concurrent = len(callers) > 1
         finally:
             # No await between the empty check and here: nothing can be queued unseen.
             self._runner = None
-            for _, future in self._queue:
+            for _, future, _ in self._queue:
                 if not future.done():
                     future.set_exception(asyncio.CancelledError())
             self._queue.clear()
