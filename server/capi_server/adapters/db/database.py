@@ -83,7 +83,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     engine = create_async_engine(
         url, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
     )
-    _ping_idle_connections(engine)
+    _ping_before_use(engine)
     return engine
 
 
@@ -96,7 +96,7 @@ PING_AFTER_IDLE_SECONDS = 2.0
 PING_ALL_AFTER_DISCONNECT_SECONDS = 30.0
 
 
-def _ping_idle_connections(engine: AsyncEngine) -> None:
+def _ping_before_use(engine: AsyncEngine) -> None:
     dialect = engine.dialect
     last_disconnect = [float("-inf")]
 
@@ -121,8 +121,8 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
         try:
             dialect.do_ping(dbapi_connection)
         except Exception as exc:
-            last_disconnect[0] = time.monotonic()
-            # The pool discards this connection and checks out (or opens) another.
+            # The pool invalidates this connection (which opens the window above) and
+            # checks out, or opens, another.
             raise DisconnectionError("pooled connection failed its ping") from exc
 
 
