@@ -113,7 +113,7 @@ async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]])
             raise ValueError(f"unknown capi_events_log columns: {sorted(unknown)}")
         full.append({"created_at": now, "updated_at": now, "attempts": 0, **row})
     connection = await session.connection()
-    if connection.dialect.name == "postgresql":
+    if _is_postgresql(session):
         result = await connection.execute(_PG_INSERT_LOG_ROWS, {"rows": json_rows(full)})
         return sorted(int(returned[0]) for returned in result)
     # SQLite: one multi-row statement per set of columns given.
