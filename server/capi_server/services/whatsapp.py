@@ -319,8 +319,9 @@ class WhatsAppService:
         # dialog's row (read with the other calls' rows) and answered in this task.
         dialog = await self._dialog_reader.submit(dialog_id)
         snapshot = await self.sender.direction(dialog.direction_id)
-        if self._llm_skip_reason(dialog, snapshot, force):
-            return await self._decide(dialog, snapshot, dry_run=dry_run, force=force)
+        skip_llm = self._llm_skip_reason(dialog, snapshot, force)
+        if skip_llm:
+            return await self._decide(dialog, snapshot, skip_llm, dry_run=dry_run)
         key = (dialog_id, dry_run, force)
         running = self._inflight.get(key)
         if running is None:
@@ -374,30 +375,31 @@ class WhatsAppService:
         # Read again: the state may have moved while this call waited to start.
         dialog = await self._dialog_reader.submit(dialog_id)
         snapshot = await self.sender.direction(dialog.direction_id)
-        return await self._decide(dialog, snapshot, dry_run=dry_run, force=force)
+        skip_llm = self._llm_skip_reason(dialog, snapshot, force)
+        return await self._decide(dialog, snapshot, skip_llm, dry_run=dry_run)
 
     async def _decide(
         self,
         dialog: dialogs_repo.DialogState,
         snapshot: DirectionSnapshot,
+        skip_llm: str,
         *,
         dry_run: bool,
-        force: bool,
     ) -> AnalysisResult:
-        # The dialog row and the (cached) direction are all the decision needs; the
-        # messages are read only when the LLM is called.
+        """`skip_llm`: `_llm_skip_reason` of this dialog and direction ("" to ask the LLM).
+        The dialog row and the (cached) direction are all the decision needs; the messages
+        are read only when the LLM is called."""
         dialog_id = dialog.id
         result = AnalysisResult(dialog_id=dialog_id)
         capi = snapshot.direction.capi
         if not capi.enabled or capi.source is CapiSource.CRM:
             # Nothing to decide: the reason is the whole answer.
-            result.skipped_reason = self._llm_skip_reason(dialog, snapshot, force)
+            result.skipped_reason = skip_llm
             return result
         rule = interest_reached(
             [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
         )
         prompt = snapshot.direction.qualification_prompt
-        skip_llm = self._llm_skip_reason(dialog, snapshot, force)
         analysis: LlmAnalysis | None = None
         messages: list[DialogMessage] = []
         if not skip_llm:
