@@ -44,6 +44,7 @@ from typing import Any
 
 import grpc
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import database, sampler
 from bench.echo import serve_echo
@@ -357,12 +358,13 @@ class Bench:
         except OSError:
             return {}
         totals: dict[str, list[float]] = {}
-        for line in text.splitlines():
-            if line.startswith(("capi_batch_items_count{", "capi_batch_items_sum{")):
-                labels, _, number = line.rpartition(" ")
-                batch = labels.split('batch="', 1)[1].split('"', 1)[0]
-                slot = 0 if line.startswith("capi_batch_items_count") else 1
-                totals.setdefault(batch, [0.0, 0.0])[slot] = float(number)
+        for family in text_string_to_metric_families(text):
+            if family.name != "capi_batch_items":
+                continue
+            for sample in family.samples:
+                slot = {"capi_batch_items_count": 0, "capi_batch_items_sum": 1}.get(sample.name)
+                if slot is not None:
+                    totals.setdefault(sample.labels["batch"], [0.0, 0.0])[slot] = sample.value
         return totals
 
     def record(
