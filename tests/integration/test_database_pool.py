@@ -81,7 +81,7 @@ async def test_a_lost_connection_under_a_driver_level_query_is_transient(
     monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)
     db = Database(engine)
     with pytest.raises(Exception) as failed:
-        async with db.reader() as connection:
+        async with db.autocommit() as connection:
             await dialogs_repo.dialog_states(connection, [1])
     assert is_transient_db_error(failed.value)
     assert await backend_pid(engine) != first

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from capi_server.adapters.db import events_repo
 from capi_server.adapters.db.database import Database, create_engine
@@ -31,6 +31,7 @@ async def test_log_rows_get_their_own_ids_in_order(database_url: str) -> None:
         else:
             row["error_message"] = f"reason {i}"
         rows.append(row)
+    ids: list[int] = []
     try:
         async with db.session() as session:
             ids = await events_repo.insert_log_rows(session, rows)
@@ -61,4 +62,9 @@ async def test_log_rows_get_their_own_ids_in_order(database_url: str) -> None:
                 assert got.payload is None
                 assert got.error_message == f"reason {i}"
     finally:
+        # The database is shared by the session's tests: due pending rows of no direction
+        # would be picked up by another test's retry pass.
+        async with db.session() as session:
+            await session.execute(delete(CapiEventLogRow).where(CapiEventLogRow.id.in_(ids)))
+            await session.commit()
         await db.dispose()

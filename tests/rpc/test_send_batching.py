@@ -212,8 +212,8 @@ async def test_a_caller_that_gives_up_still_gets_its_claimed_event_sent(
     setup = await whatsapp_direction(stubs)
     real_claim = events_repo.claim_levels
 
-    async def slow_claim(*args: Any) -> set[int]:
-        claimed = await real_claim(*args)
+    async def slow_claim(*args: Any, **kwargs: Any) -> set[int]:
+        claimed = await real_claim(*args, **kwargs)
         await asyncio.sleep(0.3)  # the caller's deadline passes while its batch runs
         return claimed
 

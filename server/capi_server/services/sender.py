@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -328,8 +328,8 @@ class SenderService:
         *,
         create: bool,
     ) -> list[DialogKeys | None]:
-        """dialog_keys for (snapshot, contact_key, contact_phone) each, in two statements
-        at most for those not cached: one read, one create."""
+        """dialog_keys for (snapshot, contact_key, contact_phone) each; those not cached
+        are read, or with `create` read and created together (ensure_dialogs)."""
         cache = self.cache
         found: dict[dialogs_repo.ContactKey, DialogKeys] = {}
         missing: dict[dialogs_repo.ContactKey, dialogs_repo.NewContact] = {}
@@ -346,10 +346,11 @@ class SenderService:
                     contact_phone,
                 )
         if missing:
-            looked_up = await dialogs_repo.find_dialogs(session, list(missing))
-            absent = [contact for key, contact in missing.items() if key not in looked_up]
-            if absent and create:
-                looked_up.update(await dialogs_repo.ensure_dialogs(session, absent))
+            looked_up = (
+                await dialogs_repo.ensure_dialogs(session, list(missing.values()))
+                if create
+                else await dialogs_repo.find_dialogs(session, list(missing))
+            )
             found.update(looked_up)
 
             def remember() -> None:
@@ -383,6 +384,12 @@ class SenderService:
             assert dialog is not None
         lead = await session.get(LeadRow, dialog.lead_id)
         assert lead is not None
+        return self._context(snapshot, dialog, lead)
+
+    @staticmethod
+    def _context(
+        snapshot: DirectionSnapshot, dialog: DialogAnalysisRow, lead: LeadRow
+    ) -> DialogContext:
         return DialogContext(
             direction_id=snapshot.direction_id,
             direction=snapshot.direction,
@@ -392,6 +399,21 @@ class SenderService:
             token_source=snapshot.token_source,
             token_error=snapshot.token_error,
         )
+
+    async def _loaded_context(
+        self,
+        session: Any,
+        loaded: dict[int, tuple[DialogAnalysisRow, LeadRow]],
+        dialog_id: int,
+    ) -> DialogContext:
+        """The context of a dialog `load_dialogs_and_leads` read (a plain lookup: a
+        `session.get` per row costs more than the batch's query), else read now."""
+        pair = loaded.get(dialog_id)
+        if pair is None:
+            return await self.load_context(session, DialogRef(dialog_id), create=True)
+        dialog, lead = pair
+        snapshot = await self.cache.direction(session, direction_id=dialog.direction_id)
+        return self._context(snapshot, dialog, lead)
 
     async def _already_sent(self, session: Any, dialog_id: int, level: Level) -> SendReport | None:
         """Every requested level is known to be sent: answer without reading the dialog."""
@@ -523,7 +545,7 @@ class SenderService:
             for dialog_id, i, event_time, email in sorted(to_plan, key=lambda p: p[:2]):
                 item = items[i]
                 try:
-                    ctx = await self.load_context(session, DialogRef(dialog_id), create=True)
+                    ctx = await self._loaded_context(session, loaded, dialog_id)
                     if ctx.token_error is not None and ctx.direction.capi.enabled:
                         raise ctx.token_error
                     if email and ctx.lead.email != email:
@@ -828,11 +850,15 @@ class SenderService:
         by_level: dict[Level, dict[int, str]] = defaultdict(dict)
         for (dialog_id, lvl), claim in claims.items():
             by_level[lvl][dialog_id] = claim.event_id
-        # All of the batch's dialogs first, in id order: the claims below take them level
-        # by level, which alone could lock two dialogs in the opposite order of another batch.
-        await events_repo.lock_dialogs(session, {dialog_id for dialog_id, _ in claims})
+        # All of the batch's dialogs first, in id order (with the first claim): the claims
+        # take them level by level, which alone could lock two dialogs in the opposite order
+        # of another batch.
+        lock_first: Collection[int] = {dialog_id for dialog_id, _ in claims}
         for lvl in sorted(by_level):
-            won = await events_repo.claim_levels(session, lvl, by_level[lvl], now)
+            won = await events_repo.claim_levels(
+                session, lvl, by_level[lvl], now, lock_first=lock_first
+            )
+            lock_first = ()
             for dialog_id in by_level[lvl]:
                 claims[(dialog_id, lvl)].won = dialog_id in won
         for claim in claims.values():
@@ -980,29 +1006,28 @@ class SenderService:
         self, results: Sequence[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]]
     ) -> list[EventOutcome]:
         now = self.clock()
+        # One Graph request's accepted events are recorded together.
+        accepted: dict[int, tuple[GraphSuccess, list[tuple[int, int, Level]]]] = {}
+        for event, result in results:
+            if isinstance(result, GraphSuccess):
+                accepted.setdefault(id(result), (result, []))[1].append(
+                    (event.log_id, event.dialog_id, event.level)
+                )
+        if self.db.dialect == "postgresql" and sum(len(i) for _, i in accepted.values()) == len(
+            results
+        ):
+            # All accepted (the usual case): one statement per Graph request, each atomic on
+            # its own, with no transaction around them.
+            async with self.db.autocommit() as connection:
+                for success, items in accepted.values():
+                    await events_repo.mark_success(connection, items, dict(success.raw), now)
+            return self._recorded(results, [], now)
         outcomes: list[EventOutcome] = []
         async with self.db.session() as session:
-            # One Graph request's accepted events are recorded together.
-            accepted: dict[int, tuple[GraphSuccess, list[tuple[int, int, Level]]]] = {}
-            for event, result in results:
-                if isinstance(result, GraphSuccess):
-                    accepted.setdefault(id(result), (result, []))[1].append(
-                        (event.log_id, event.dialog_id, event.level)
-                    )
             for success, items in accepted.values():
                 await events_repo.mark_success(session, items, dict(success.raw), now)
             for event, result in results:
                 if isinstance(result, GraphSuccess):
-                    outcomes.append(
-                        EventOutcome(
-                            event.level,
-                            event.event_name,
-                            SendOutcome.SENT,
-                            event_id=event.event_id,
-                            sent_at=now,
-                            log_id=event.log_id,
-                        )
-                    )
                     continue
                 response = {"error_excerpt": result.raw_excerpt} if result.raw_excerpt else None
                 attempts = event.attempts + 1
@@ -1069,8 +1094,33 @@ class SenderService:
                     )
                 )
             await session.commit()
+        return self._recorded(results, outcomes, now)
+
+    def _recorded(
+        self,
+        results: Sequence[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]],
+        failures: list[EventOutcome],
+        now: datetime,
+    ) -> list[EventOutcome]:
+        """The outcomes of committed results: SENT for the accepted ones (now cached as
+        sent), `failures` as recorded, in the order of `results`."""
+        outcomes: list[EventOutcome] = []
+        failed = iter(failures)
         for event, result in results:
-            if isinstance(result, GraphSuccess) and event.direction_id is not None:
+            if not isinstance(result, GraphSuccess):
+                outcomes.append(next(failed))
+                continue
+            outcomes.append(
+                EventOutcome(
+                    event.level,
+                    event.event_name,
+                    SendOutcome.SENT,
+                    event_id=event.event_id,
+                    sent_at=now,
+                    log_id=event.log_id,
+                )
+            )
+            if event.direction_id is not None:
                 self.cache.remember_sent(
                     event.dialog_id, event.direction_id, event.level, event.event_id, now
                 )

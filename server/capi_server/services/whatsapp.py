@@ -341,7 +341,7 @@ class WhatsAppService:
         self, dialog_ids: list[int]
     ) -> list[dialogs_repo.DialogState | Exception]:
         """The dialog states of concurrent AnalyzeDialog calls, in one query."""
-        async with self.db.reader() as connection:
+        async with self.db.autocommit() as connection:
             states = await dialogs_repo.dialog_states(connection, dialog_ids)
         return [
             states.get(dialog_id)

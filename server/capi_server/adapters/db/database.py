@@ -186,8 +186,9 @@ class Database:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
-    async def reader(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads that need no transaction (each statement on its own)."""
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A connection without a transaction: each statement commits on its own. For reads,
+        and for writes made in one statement."""
         async with self._autocommit.connect() as connection:
             yield connection
 

@@ -111,27 +111,6 @@ _SQLITE_STATEMENTS: dict[str, Any] = {
 # PostgreSQL: one statement text and one JSON parameter whatever the number of rows
 # (json_to_recordset), so psycopg parses the text once and dumps no arrays; a multi-row
 # VALUES list is new text for every batch size.
-_PG_UPSERT_LEADS = text(
-    "INSERT INTO leads (direction_id, contact_key, contact_phone, from_ad_without_click_id, "
-    "created_at, updated_at) "
-    "SELECT direction_id, contact_key, contact_phone, false, :now, :now "
-    "FROM json_to_recordset(CAST(:rows AS json)) "
-    "AS t(direction_id bigint, contact_key text, contact_phone text) "
-    "ON CONFLICT (direction_id, contact_key) DO UPDATE SET updated_at = excluded.updated_at "
-    "RETURNING id, direction_id, contact_key"
-)
-_PG_UPSERT_DIALOGS = text(
-    "INSERT INTO dialog_analysis (lead_id, direction_id, instance_name, contact_phone, "
-    "capi_interest_sent, capi_qualified_sent, capi_scheduled_sent, client_message_count, "
-    "analyzed_client_message_count, is_interested, is_qualified, is_scheduled, held_levels, "
-    "created_at, updated_at) "
-    "SELECT lead_id, direction_id, instance_name, contact_phone, false, false, false, 0, 0, "
-    "false, false, false, CAST('{}' AS jsonb), :now, :now "
-    "FROM json_to_recordset(CAST(:rows AS json)) "
-    "AS t(lead_id bigint, direction_id bigint, instance_name text, contact_phone text) "
-    "ON CONFLICT (lead_id) DO UPDATE SET updated_at = excluded.updated_at "
-    "RETURNING id, lead_id"
-)
 _PG_INSERT_MESSAGES = text(
     "INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, message_type, "
     "sent_at, created_at) "
@@ -142,11 +121,41 @@ _PG_INSERT_MESSAGES = text(
     "RETURNING dialog_id, message_id"
 )
 
-_PG_STATEMENTS = {
-    "upsert_leads": _PG_UPSERT_LEADS,
-    "upsert_dialogs": _PG_UPSERT_DIALOGS,
-    "insert_messages": _PG_INSERT_MESSAGES,
-}
+# PostgreSQL: ensure_dialogs in one statement: the dialogs that exist are read (`found`),
+# the others inserted, leads first; the dialogs' INSERT reads the leads' RETURNING rows.
+# ON CONFLICT returns a row another transaction inserted since the statement began. Rows
+# go in in the order given (WITH ORDINALITY), so that concurrent batches lock them alike.
+_PG_ENSURE_DIALOGS = text(
+    "WITH input AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(:rows AS json)) "
+    "AS (direction_id bigint, contact_key text, contact_phone text, instance_name text, "
+    "dialog_phone text)) WITH ORDINALITY "
+    "AS t(direction_id, contact_key, contact_phone, instance_name, dialog_phone, ord)), "
+    "found AS (SELECT d.id, d.lead_id, l.direction_id, l.contact_key FROM input AS i "
+    "JOIN leads AS l ON l.direction_id = i.direction_id AND l.contact_key = i.contact_key "
+    "JOIN dialog_analysis AS d ON d.lead_id = l.id), "
+    "missing AS (SELECT * FROM input AS i WHERE NOT EXISTS (SELECT 1 FROM found AS f "
+    "WHERE f.direction_id = i.direction_id AND f.contact_key = i.contact_key)), "
+    "l AS (INSERT INTO leads (direction_id, contact_key, contact_phone, "
+    "from_ad_without_click_id, created_at, updated_at) "
+    "SELECT direction_id, contact_key, contact_phone, false, :now, :now FROM missing "
+    "ORDER BY ord "
+    "ON CONFLICT (direction_id, contact_key) DO UPDATE SET updated_at = excluded.updated_at "
+    "RETURNING id, direction_id, contact_key), "
+    "d AS (INSERT INTO dialog_analysis (lead_id, direction_id, instance_name, contact_phone, "
+    "capi_interest_sent, capi_qualified_sent, capi_scheduled_sent, client_message_count, "
+    "analyzed_client_message_count, is_interested, is_qualified, is_scheduled, held_levels, "
+    "created_at, updated_at) "
+    "SELECT l.id, i.direction_id, i.instance_name, i.dialog_phone, false, false, false, 0, 0, "
+    "false, false, false, CAST('{}' AS jsonb), :now, :now "
+    "FROM l JOIN missing AS i ON i.direction_id = l.direction_id "
+    "AND i.contact_key = l.contact_key ORDER BY i.ord "
+    "ON CONFLICT (lead_id) DO UPDATE SET updated_at = excluded.updated_at "
+    "RETURNING id, lead_id) "
+    "SELECT id, lead_id, direction_id, contact_key FROM found UNION ALL "
+    "SELECT d.id, d.lead_id, l.direction_id, l.contact_key FROM d JOIN l ON l.id = d.lead_id"
+)
+
+_PG_STATEMENTS = {"insert_messages": _PG_INSERT_MESSAGES}
 
 
 async def _insert_rows(
@@ -175,6 +184,11 @@ _FIND_DIALOGS = (
         _LEADS.c.contact_key.in_(bindparam("contacts", expanding=True)),
     )
 )
+_PG_FIND_DIALOGS = text(
+    "SELECT d.id, d.lead_id, l.contact_key FROM dialog_analysis AS d "
+    "JOIN leads AS l ON l.id = d.lead_id WHERE l.direction_id = :direction "
+    "AND l.contact_key = ANY(CAST(:contacts AS text[]))"
+)
 
 
 async def find_dialogs(
@@ -185,9 +199,12 @@ async def find_dialogs(
     for direction_id, contact_key in keys:
         by_direction.setdefault(direction_id, set()).add(contact_key)
     found: dict[ContactKey, DialogKeys] = {}
+    connection = await session.connection()
+    statement = _PG_FIND_DIALOGS if connection.dialect.name == "postgresql" else _FIND_DIALOGS
     for direction_id, contacts in by_direction.items():
-        rows = await session.execute(
-            _FIND_DIALOGS, {"direction": direction_id, "contacts": sorted(contacts)}
+        rows = await connection.execute(
+            statement,
+            {"direction": direction_id, "contacts": sorted(contacts)},
         )
         for dialog_id, lead_id, contact_key in rows:
             found[(direction_id, contact_key)] = DialogKeys(dialog_id, lead_id, direction_id)
@@ -199,14 +216,36 @@ async def ensure_dialogs(
 ) -> dict[ContactKey, DialogKeys]:
     """Leads and dialogs of `contacts`, created when missing (race-safe).
 
-    Two statements for any number of contacts: INSERT ... ON CONFLICT DO UPDATE ...
-    RETURNING creates the missing rows and returns the existing ones' ids.
+    PostgreSQL: one statement for any number of contacts. SQLite: one read, then for the
+    contacts not found two statements: INSERT ... ON CONFLICT DO UPDATE ... RETURNING
+    creates the missing rows and returns the ids of any created meanwhile.
     """
     now = now or utcnow()
     # Sorted: concurrent transactions lock the rows they insert in the same order.
     unique = sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
     if not unique:
         return {}
+    connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        rows = [
+            {
+                "direction_id": c.direction_id,
+                "contact_key": c.contact_key,
+                "contact_phone": c.contact_phone,
+                "instance_name": c.instance_name,
+                "dialog_phone": c.contact_phone or c.contact_key,
+            }
+            for c in unique
+        ]
+        result = await connection.execute(_PG_ENSURE_DIALOGS, {"rows": json_rows(rows), "now": now})
+        return {
+            (direction_id, contact_key): DialogKeys(dialog_id, lead_id, direction_id)
+            for dialog_id, lead_id, direction_id, contact_key in result
+        }
+    found = await find_dialogs(session, [c.key for c in unique])
+    unique = [c for c in unique if c.key not in found]
+    if not unique:
+        return found
     leads = await _insert_rows(
         session,
         "upsert_leads",
@@ -250,7 +289,7 @@ async def ensure_dialogs(
         now,
     )
     dialog_ids = dict((lead_id, dialog_id) for dialog_id, lead_id in dialogs)
-    return {
+    return found | {
         c.key: DialogKeys(dialog_ids[lead_ids[c.key]], lead_ids[c.key], c.direction_id)
         for c in unique
     }
@@ -279,14 +318,14 @@ _DIALOGS_AND_LEADS = (
 
 async def load_dialogs_and_leads(
     session: AsyncSession, dialog_ids: Collection[int]
-) -> list[DialogAnalysisRow | LeadRow]:
-    """Loads the dialogs and their leads into the session in one statement, so that
-    `session.get` finds them without a query each. Keep the returned list referenced while
-    they are needed: the identity map holds rows weakly."""
+) -> dict[int, tuple[DialogAnalysisRow, LeadRow]]:
+    """The dialogs and their leads, by dialog id, loaded into the session in one
+    statement. Keep the returned dict referenced while they are needed: the identity map
+    holds rows weakly."""
     if not dialog_ids:
-        return []
+        return {}
     rows = await session.execute(_DIALOGS_AND_LEADS, {"ids": sorted(dialog_ids)})
-    return [row for pair in rows for row in pair]
+    return {dialog.id: (dialog, lead) for dialog, lead in rows}
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, and_, case, insert, or_, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from capi_server.adapters.db.orm import CapiEventLogRow, DialogAnalysisRow, utcnow
 from capi_server.adapters.db.types import json_rows
@@ -46,6 +46,20 @@ _PG_CLAIM_LEVEL = {
     )
     for level in Level
 }
+# The same, taking first the row locks of a batch's dialogs in id order (what lock_dialogs
+# does) in the same statement: every row the UPDATE changes passed the IN test, so the CTE
+# had locked it, in order, before.
+_PG_LOCK_AND_CLAIM_LEVEL = {
+    level: text(
+        "WITH locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
+        "WHERE id = ANY(CAST(:lock_ids AS bigint[])) ORDER BY id FOR NO KEY UPDATE) "
+        f"UPDATE dialog_analysis AS d SET capi_{level.column}_event_id = c.event_id, "
+        "updated_at = :now FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS text[])) "
+        f"AS c(id, event_id) WHERE d.id = c.id AND d.capi_{level.column}_event_id IS NULL "
+        "AND d.id IN (SELECT id FROM locked) RETURNING d.id"
+    )
+    for level in Level
+}
 
 
 async def lock_dialogs(session: AsyncSession, dialog_ids: Collection[int]) -> None:
@@ -57,20 +71,33 @@ async def lock_dialogs(session: AsyncSession, dialog_ids: Collection[int]) -> No
 
 
 async def claim_levels(
-    session: AsyncSession, level: Level, event_ids: dict[int, str], now: datetime
+    session: AsyncSession,
+    level: Level,
+    event_ids: dict[int, str],
+    now: datetime,
+    *,
+    lock_first: Collection[int] = (),
 ) -> set[int]:
     """Sets capi_<level>_event_id where it is still NULL, for many dialogs
     ({dialog_id: event_id}) in one UPDATE: the database decides each race. Returns the
-    dialog ids claimed by this call (the others were claimed before)."""
+    dialog ids claimed by this call (the others were claimed before). `lock_first`: the
+    dialogs to lock_dialogs before, in the same statement on PostgreSQL."""
     if not event_ids:
+        await lock_dialogs(session, lock_first)
         return set()
     connection = await session.connection()
     ids = sorted(event_ids)
     if _is_postgresql(session):
-        result = await connection.execute(
-            _PG_CLAIM_LEVEL[level],
-            {"ids": ids, "event_ids": [event_ids[i] for i in ids], "now": now},
-        )
+        params: dict[str, Any] = {
+            "ids": ids,
+            "event_ids": [event_ids[i] for i in ids],
+            "now": now,
+        }
+        statement = _PG_CLAIM_LEVEL[level]
+        if lock_first:
+            statement = _PG_LOCK_AND_CLAIM_LEVEL[level]
+            params["lock_ids"] = sorted(lock_first)
+        result = await connection.execute(statement, params)
         return {row[0] for row in result}
     table: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
     column = table.c[f"capi_{level.column}_event_id"]
@@ -148,54 +175,56 @@ async def latest_log_row(
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-_PG_MARK_LOG_ROWS_SENT = text(
-    "UPDATE capi_events_log SET status = :status, facebook_response = CAST(:response AS jsonb), "
-    "attempts = attempts + 1, next_attempt_at = NULL, locked_until = NULL, error_code = NULL, "
-    "error_subcode = NULL, error_message = NULL, hint = NULL, updated_at = :now "
-    "WHERE id = ANY(CAST(:ids AS bigint[]))"
-)
-_PG_MARK_LEVEL_SENT = {
-    level: text(
-        f"UPDATE dialog_analysis SET capi_{level.column}_sent = true, "
-        f"capi_{level.column}_sent_at = :now, updated_at = :now "
-        "WHERE id = ANY(CAST(:ids AS bigint[]))"
+# PostgreSQL: one statement, so that it needs no transaction of its own (no BEGIN and
+# COMMIT round trips): the log rows in a CTE, the dialogs' levels from an id array per level.
+_PG_MARK_SENT = text(
+    "WITH logged AS (UPDATE capi_events_log SET status = :status, "
+    "facebook_response = CAST(:response AS jsonb), attempts = attempts + 1, "
+    "next_attempt_at = NULL, locked_until = NULL, error_code = NULL, error_subcode = NULL, "
+    "error_message = NULL, hint = NULL, updated_at = :now "
+    "WHERE id = ANY(CAST(:log_ids AS bigint[]))) "
+    "UPDATE dialog_analysis AS d SET "
+    + ", ".join(
+        f"capi_{level.column}_sent = d.capi_{level.column}_sent "
+        f"OR d.id = ANY(CAST(:level{int(level)} AS bigint[])), "
+        f"capi_{level.column}_sent_at = CASE WHEN d.id = ANY(CAST(:level{int(level)} AS "
+        f"bigint[])) THEN :now ELSE d.capi_{level.column}_sent_at END"
+        for level in Level
     )
-    for level in Level
-}
+    + ", updated_at = :now WHERE d.id = ANY(CAST(:dialog_ids AS bigint[]))"
+)
 
 
 async def mark_success(
-    session: AsyncSession,
+    executor: AsyncSession | AsyncConnection,
     sent: Sequence[tuple[int, int, Level]],
     response: dict[str, Any],
     now: datetime,
 ) -> None:
-    """Record (log_id, dialog_id, level) items accepted by one Graph request: one UPDATE of
-    their log rows and one per level of their dialogs, however many events."""
+    """Record (log_id, dialog_id, level) items accepted by one Graph request: on PostgreSQL
+    in one statement (so an autocommit connection will do), on SQLite one UPDATE of their
+    log rows and one per level of their dialogs."""
     if not sent:
         return
     log_ids = sorted(log_id for log_id, _, _ in sent)
     by_level = {
         level: sorted(dialog_id for _, dialog_id, lvl in sent if lvl is level) for level in Level
     }
-    if _is_postgresql(session):
-        connection = await session.connection()
+    connection = executor if isinstance(executor, AsyncConnection) else await executor.connection()
+    if connection.dialect.name == "postgresql":
         await connection.execute(
-            _PG_MARK_LOG_ROWS_SENT,
+            _PG_MARK_SENT,
             {
                 "status": EventStatus.SUCCESS.value,
                 "response": json.dumps(response, ensure_ascii=False),
                 "now": now,
-                "ids": log_ids,
+                "log_ids": log_ids,
+                "dialog_ids": sorted({dialog_id for _, dialog_id, _ in sent}),
+                **{f"level{int(level)}": ids for level, ids in by_level.items()},
             },
         )
-        for level, dialog_ids in by_level.items():
-            if dialog_ids:
-                await connection.execute(
-                    _PG_MARK_LEVEL_SENT[level], {"ids": dialog_ids, "now": now}
-                )
         return
-    await session.execute(
+    await connection.execute(
         update(CapiEventLogRow)
         .where(CapiEventLogRow.id.in_(log_ids))
         .values(
@@ -215,7 +244,7 @@ async def mark_success(
     for level, dialog_ids in by_level.items():
         if not dialog_ids:
             continue
-        await session.execute(
+        await connection.execute(
             update(DialogAnalysisRow)
             .where(DialogAnalysisRow.id.in_(dialog_ids))
             .values(
