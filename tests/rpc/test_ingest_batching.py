@@ -96,14 +96,14 @@ async def test_a_message_the_database_rejects_fails_alone(
     stubs: Stubs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup = await whatsapp_direction(stubs)
-    real_insert = dialogs_repo.insert_messages
+    real_insert = dialogs_repo.store_messages
 
     async def insert_rejecting_poison(session: Any, messages: Any, **kw: Any) -> Any:
         if any(m.message_id == "poison" for m in messages):
             raise IntegrityError("INSERT", {}, Exception("rejected"))
         return await real_insert(session, messages, **kw)
 
-    monkeypatch.setattr(dialogs_repo, "insert_messages", insert_rejecting_poison)
+    monkeypatch.setattr(dialogs_repo, "store_messages", insert_rejecting_poison)
     service = stubs.app.whatsapp
     before = service._ingest.batches
     ids = [f"m{i}" for i in range(9)] + ["poison"]

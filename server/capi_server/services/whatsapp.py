@@ -249,13 +249,7 @@ class WhatsAppService:
                         datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now,
                     ),
                 )
-            inserted = await dialogs_repo.insert_messages(session, list(rows.values()), now=now)
-            added: dict[int, tuple[int, datetime]] = {}
-            for row in (rows[key] for key in inserted):
-                if not row.from_me:
-                    count, last_at = added.get(row.dialog_id, (0, row.sent_at))
-                    added[row.dialog_id] = (count + 1, max(last_at, row.sent_at))
-            await dialogs_repo.count_client_messages(session, added, now=now)
+            inserted = await dialogs_repo.store_messages(session, list(rows.values()), now=now)
             clids = await dialogs_repo.lead_ctwa_clids(
                 session, {k.lead_id for m, k in stored if not m.ctwa_clid}
             )

@@ -13,7 +13,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from capi_server.adapters.db.events_repo import lock_dialogs
 from capi_server.adapters.db.orm import (
     AdAccountRow,
     DialogAnalysisRow,
@@ -108,17 +107,27 @@ _SQLITE_STATEMENTS: dict[str, Any] = {
     .returning(_MESSAGES.c.dialog_id, _MESSAGES.c.message_id),
 }
 
-# PostgreSQL: one statement text and one JSON parameter whatever the number of rows
-# (json_to_recordset), so psycopg parses the text once and dumps no arrays; a multi-row
-# VALUES list is new text for every batch size.
-_PG_INSERT_MESSAGES = text(
-    "INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, message_type, "
-    "sent_at, created_at) "
+# PostgreSQL: store_messages in one statement whatever the number of rows: the rows as one
+# JSON document (json_to_recordset; a multi-row VALUES list is new text for every batch
+# size); the dialogs of new client messages locked in id order (the order every batch locks
+# dialogs in), then their counters updated; every row the UPDATE changes passed the IN test,
+# so the `locked` CTE had locked it before.
+_PG_STORE_MESSAGES = text(
+    "WITH stored AS (INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, "
+    "message_type, sent_at, created_at) "
     "SELECT dialog_id, message_id, from_me, text, message_type, sent_at, :now "
     "FROM json_to_recordset(CAST(:rows AS json)) AS t(dialog_id bigint, message_id text, "
     "from_me boolean, text text, message_type text, sent_at timestamptz) "
     "ON CONFLICT (dialog_id, message_id) DO NOTHING "
-    "RETURNING dialog_id, message_id"
+    "RETURNING dialog_id, message_id, from_me, sent_at), "
+    "added AS (SELECT dialog_id AS id, count(*) AS n, max(sent_at) AS last_at FROM stored "
+    "WHERE NOT from_me GROUP BY dialog_id), "
+    "locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
+    "WHERE id IN (SELECT id FROM added) ORDER BY id FOR NO KEY UPDATE), "
+    "counted AS (UPDATE dialog_analysis AS d SET "
+    "client_message_count = d.client_message_count + a.n, last_message_at = a.last_at, "
+    "updated_at = :now FROM added AS a WHERE d.id = a.id AND d.id IN (SELECT id FROM locked)) "
+    "SELECT dialog_id, message_id FROM stored"
 )
 
 # PostgreSQL: ensure_dialogs in one statement: the dialogs that exist are read (`found`),
@@ -155,22 +164,13 @@ _PG_ENSURE_DIALOGS = text(
     "SELECT d.id, d.lead_id, l.direction_id, l.contact_key FROM d JOIN l ON l.id = d.lead_id"
 )
 
-_PG_STATEMENTS = {"insert_messages": _PG_INSERT_MESSAGES}
 
-
-async def _insert_rows(
-    session: AsyncSession,
-    name: str,
-    rows: list[dict[str, Any]],
-    constants: dict[str, Any],
-    now: datetime,
+async def _insert_rows_sqlite(
+    session: AsyncSession, name: str, rows: list[dict[str, Any]], constants: dict[str, Any]
 ) -> Any:
-    """Runs insert statement `name` for `rows` (the columns that vary; `constants` are the
-    same for every row): on PostgreSQL as one JSON document for its json_to_recordset()
-    text, on SQLite as a multi-row INSERT. Returns the RETURNING rows."""
+    """Runs SQLite insert statement `name` for `rows` (the columns that vary; `constants`
+    are the same for every row) as one multi-row INSERT. Returns the RETURNING rows."""
     connection = await session.connection()
-    if connection.dialect.name == "postgresql":
-        return await connection.execute(_PG_STATEMENTS[name], {"rows": json_rows(rows), "now": now})
     return await connection.execute(
         _SQLITE_STATEMENTS[name], [{**row, **constants} for row in rows]
     )
@@ -246,7 +246,7 @@ async def ensure_dialogs(
     unique = [c for c in unique if c.key not in found]
     if not unique:
         return found
-    leads = await _insert_rows(
+    leads = await _insert_rows_sqlite(
         session,
         "upsert_leads",
         [
@@ -258,10 +258,9 @@ async def ensure_dialogs(
             for c in unique
         ],
         {"from_ad_without_click_id": False, "created_at": now, "updated_at": now},
-        now,
     )
     lead_ids = {(direction_id, key): lead_id for lead_id, direction_id, key in leads}
-    dialogs = await _insert_rows(
+    dialogs = await _insert_rows_sqlite(
         session,
         "upsert_dialogs",
         [
@@ -286,7 +285,6 @@ async def ensure_dialogs(
             "created_at": now,
             "updated_at": now,
         },
-        now,
     )
     dialog_ids = dict((lead_id, dialog_id) for dialog_id, lead_id in dialogs)
     return found | {
@@ -412,30 +410,45 @@ class NewMessage:
     sent_at: datetime
 
 
-async def insert_messages(
+async def store_messages(
     session: AsyncSession, messages: Sequence[NewMessage], *, now: datetime
 ) -> set[tuple[int, str]]:
-    """Stores the messages not stored yet; returns the (dialog_id, message_id) stored now."""
+    """Stores the messages not stored yet and adds the new client (not from_me) messages
+    to their dialogs' counters (client_message_count, last_message_at); returns the
+    (dialog_id, message_id) stored now."""
     if not messages:
         return set()
-    rows = await _insert_rows(
-        session,
-        "insert_messages",
-        [
-            {
-                "dialog_id": m.dialog_id,
-                "message_id": m.message_id,
-                "from_me": m.from_me,
-                "text": m.text,
-                "message_type": m.message_type,
-                "sent_at": m.sent_at,
-            }
-            for m in messages
-        ],
-        {"created_at": now},
-        now,
-    )
-    return {(dialog_id, message_id) for dialog_id, message_id in rows}
+    rows = [
+        {
+            "dialog_id": m.dialog_id,
+            "message_id": m.message_id,
+            "from_me": m.from_me,
+            "text": m.text,
+            "message_type": m.message_type,
+            "sent_at": m.sent_at,
+        }
+        for m in messages
+    ]
+    connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        result = await connection.execute(_PG_STORE_MESSAGES, {"rows": json_rows(rows), "now": now})
+        return {(dialog_id, message_id) for dialog_id, message_id in result}
+    result = await _insert_rows_sqlite(session, "insert_messages", rows, {"created_at": now})
+    stored = {(dialog_id, message_id) for dialog_id, message_id in result}
+    added: dict[int, tuple[int, datetime]] = {}
+    for m in messages:
+        if not m.from_me and (m.dialog_id, m.message_id) in stored:
+            count, last_at = added.get(m.dialog_id, (0, m.sent_at))
+            added[m.dialog_id] = (count + 1, max(last_at, m.sent_at))
+    if added:
+        await connection.execute(
+            _COUNT_CLIENT_MESSAGES,
+            [
+                {"dialog": dialog_id, "added": n, "last_at": last_at, "now": now}
+                for dialog_id, (n, last_at) in sorted(added.items())
+            ],
+        )
+    return stored
 
 
 _COUNT_CLIENT_MESSAGES = (
@@ -447,39 +460,6 @@ _COUNT_CLIENT_MESSAGES = (
         updated_at=bindparam("now"),
     )
 )
-
-
-_PG_COUNT_CLIENT_MESSAGES = text(
-    "UPDATE dialog_analysis AS d SET client_message_count = d.client_message_count + c.added, "
-    "last_message_at = c.last_at, updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) "
-    "AS c(id bigint, added integer, last_at timestamptz) WHERE d.id = c.id"
-)
-
-
-async def count_client_messages(
-    session: AsyncSession, added: dict[int, tuple[int, datetime]], *, now: datetime
-) -> None:
-    """Adds {dialog_id: (new client messages, last one's time)} to the dialogs' counters,
-    in dialog id order (the order every batch locks dialogs in)."""
-    if not added:
-        return
-    connection = await session.connection()
-    if connection.dialect.name == "postgresql":
-        # Locked in id order first: an UPDATE ... FROM takes its row locks in join order.
-        await lock_dialogs(session, added)
-        rows = [
-            {"id": dialog_id, "added": n, "last_at": last_at}
-            for dialog_id, (n, last_at) in sorted(added.items())
-        ]
-        await connection.execute(_PG_COUNT_CLIENT_MESSAGES, {"rows": json_rows(rows), "now": now})
-    else:
-        await connection.execute(
-            _COUNT_CLIENT_MESSAGES,
-            [
-                {"dialog": dialog_id, "added": n, "last_at": last_at, "now": now}
-                for dialog_id, (n, last_at) in sorted(added.items())
-            ],
-        )
 
 
 _SET_CLID = (
@@ -494,6 +474,10 @@ _MARK_AD_WITHOUT_CLID = (
 )
 _LEAD_CLIDS = select(_LEADS.c.id, _LEADS.c.ctwa_clid).where(
     _LEADS.c.id.in_(bindparam("leads", expanding=True))
+)
+_PG_LEAD_CLIDS = text(
+    "SELECT id, ctwa_clid FROM leads WHERE id = ANY(CAST(:leads AS bigint[])) "
+    "AND ctwa_clid IS NOT NULL"
 )
 
 
@@ -525,7 +509,11 @@ async def lead_ctwa_clids(session: AsyncSession, lead_ids: Collection[int]) -> d
     """{lead_id: ctwa_clid} of the leads that have one."""
     if not lead_ids:
         return {}
-    rows = await session.execute(_LEAD_CLIDS, {"leads": sorted(lead_ids)})
+    connection = await session.connection()
+    postgresql = connection.dialect.name == "postgresql"
+    rows = await connection.execute(
+        _PG_LEAD_CLIDS if postgresql else _LEAD_CLIDS, {"leads": sorted(lead_ids)}
+    )
     return {lead_id: clid for lead_id, clid in rows if clid}
 
 
