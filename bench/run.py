@@ -148,6 +148,8 @@ class Row:
     note: str = ""
     # CPU cores used while it ran: "server" (the process under test), "fakes", "postgres".
     cpu: dict[str, float] = field(default_factory=dict)
+    # The echo runs just before and just after it, when its ratio is to their mean.
+    echo_around: tuple[float, float] | None = None
 
 
 @dataclass
@@ -251,6 +253,8 @@ class Bench:
         self.workdir = workdir
         self.report = Report()
         self.echo_cps = 0.0
+        # The latest echo rate measured (measure_bracketed).
+        self.echo_near = 0.0
         self.db_url = ""
         self.fakes: Fakes | None = None
         self.echo_target = ""
@@ -347,6 +351,30 @@ class Bench:
         self.record(result, echo=echo, note=note, cpu=cpu)
         return result
 
+    def measure_bracketed(self, spec: LoadSpec, *, note: str = "") -> float:
+        """Measures a scenario, then echo again; returns the scenario's ratio to the mean of
+        the echo runs just before and just after it.
+
+        This machine's echo rate drifts by 10-30% within minutes (other tenants), so one
+        echo figure measured minutes earlier would move every later ratio with it; the two
+        runs around a scenario bound what the machine gave while it ran.
+        """
+        if not self.echo_near:  # a step run without the core step's echo
+            (first,) = drive([self.spec("echo", self.echo_target, "echo", {})])
+            self.echo_near = first.calls_per_second
+        result = self.measure(spec, note=note)
+        (after,) = drive([self.spec("echo", self.echo_target, "echo", {})])
+        before, self.echo_near = self.echo_near, after.calls_per_second
+        row = self.report.rows[-1]
+        row.echo_around = (before, self.echo_near)
+        base = (before + self.echo_near) / 2
+        row.ratio = result.calls_per_second / base if base else None
+        say(
+            f"  {'':<26} echo before/after {before:.0f}/{self.echo_near:.0f} calls/s: "
+            f"ratio to their mean {row.ratio or 0:.2f}"
+        )
+        return row.ratio or 0.0
+
     def batch_totals(self, target: str) -> dict[str, list[float]]:
         """{batch: [batches, calls]} from the server's capi_batch_items metric so far."""
         url = self.metrics_urls.get(target)
@@ -375,7 +403,7 @@ class Bench:
         note: str = "",
         cpu: dict[str, float] | None = None,
     ) -> None:
-        base = echo if echo is not None else self.echo_cps
+        base = echo if echo is not None else self.echo_near
         ratio = result.calls_per_second / base if base else None
         if result.errors:
             errors = ", ".join(f"{k}={v}" for k, v in sorted(result.errors.items()))
@@ -458,32 +486,36 @@ class Bench:
         target = server.target
         wa_params: dict[str, Any] = {"instance_name": wa.instance_name}
         echo = self.measure(self.spec("echo", self.echo_target, "echo", wa_params))
-        self.echo_cps = echo.calls_per_second
+        self.echo_cps = self.echo_near = echo.calls_per_second
         self.report.rows[-1].ratio = 1.0
         self.report.summary["echo_cps"] = f"{self.echo_cps:.0f}"
         # The capi server's own floor: its gRPC stack and interceptors, no work behind.
-        health = self.measure(
+        health = self.measure_bracketed(
             self.spec("health", target, "health", {}),
             note="grpc.health.v1 Check: this server's gRPC stack and interceptors, no work",
         )
-        self.report.summary["health"] = f"{health.calls_per_second / self.echo_cps:.2f}"
+        self.report.summary["health"] = f"{health:.2f}"
 
-        ingest = self.measure(
+        ingest = self.measure_bracketed(
             self.spec("ingest", target, "ingest", {**wa_params, "phone_base": PHONES["ingest"]})
         )
-        self.report.summary["ingest"] = f"{ingest.calls_per_second / self.echo_cps:.2f}"
+        self.report.summary["ingest"] = f"{ingest:.2f}"
 
         before = self.fakes.stats()
-        send_new = self.measure(
-            self.spec("send_new", target, "send", {**wa_params, "phone_base": PHONES["send_new"]})
+        send_new_spec = self.spec(
+            "send_new", target, "send", {**wa_params, "phone_base": PHONES["send_new"]}
         )
+        send_new_ratio = self.measure_bracketed(send_new_spec)
+        send_new = self.report.rows[-1].result
+        assert send_new is not None
         after = self.fakes.stats()
         posts = after["graph_posts"] - before["graph_posts"]
         events = after["graph_events"] - before["graph_events"]
-        self.report.rows[
-            -1
-        ].note = f"{events} events in {posts} Graph requests for {send_new.ok_total} OK calls"
-        self.report.summary["send_new"] = f"{send_new.calls_per_second / self.echo_cps:.2f}"
+        self.report.rows[-1].note = (
+            f"{events} events in {posts} Graph requests for {send_new.ok_total} OK calls; "
+            f"{self.report.rows[-1].note}"
+        )
+        self.report.summary["send_new"] = f"{send_new_ratio:.2f}"
 
         dup_params = {
             **wa_params,
@@ -491,12 +523,15 @@ class Bench:
             "phone_count": max(1, min(send_new.ok_total, 1000)),
         }
         before = self.fakes.stats()
-        send_dup = self.measure(self.spec("send_dup", target, "send", dup_params))
+        send_dup_ratio = self.measure_bracketed(self.spec("send_dup", target, "send", dup_params))
+        send_dup = self.report.rows[-1].result
+        assert send_dup is not None
         after = self.fakes.stats()
-        self.report.rows[
-            -1
-        ].note = f"Graph requests during: {after['graph_posts'] - before['graph_posts']}"
-        self.report.summary["send_dup"] = f"{send_dup.calls_per_second / self.echo_cps:.2f}"
+        self.report.rows[-1].note = (
+            f"Graph requests during: {after['graph_posts'] - before['graph_posts']}; "
+            f"{self.report.rows[-1].note}"
+        )
+        self.report.summary["send_dup"] = f"{send_dup_ratio:.2f}"
 
         # AnalyzeDialog: 200 dialogs with two client messages each, analysed once (LLM).
         dialogs = 200
@@ -529,16 +564,16 @@ class Bench:
             ]
         )
         llm_before = self.fakes.stats()["llm_requests"]
-        analyze = self.measure(
+        analyze = self.measure_bracketed(
             self.spec("analyze_unchanged", target, "analyze", {"dialog_ids": dialog_ids})
         )
         llm_after = self.fakes.stats()["llm_requests"]
         grew = llm_after - llm_before
         self.report.rows[-1].note = (
             f"LLM requests during: {grew} (first analysis of {len(dialog_ids)} dialogs: "
-            f"{first.ok_total} OK)"
+            f"{first.ok_total} OK); {self.report.rows[-1].note}"
         )
-        self.report.summary["analyze_unchanged"] = f"{analyze.calls_per_second / self.echo_cps:.2f}"
+        self.report.summary["analyze_unchanged"] = f"{analyze:.2f}"
         self.report.summary["analyze_llm_calls"] = str(grew)
 
         # Slow LLM: send_dup measured while forced analyses wait 200 ms on the LLM each.
@@ -574,11 +609,13 @@ class Bench:
             note=f"AnalyzeDialog force=true, {LLM_IN_FLIGHT} in flight, LLM answers in 200 ms",
             cpu=cpu,
         )
-        self.report.summary["llm_delay_send_dup"] = f"{during.calls_per_second / self.echo_cps:.2f}"
+        self.report.summary["llm_delay_send_dup"] = (
+            f"{during.calls_per_second / self.echo_near:.2f}"
+        )
         self.report.summary["llm_nonblocking"] = f"{kept:.2f}"
 
         tokens = page_tokens(stubs, wa.direction_id, pages=100)
-        list_events = self.measure(
+        list_events = self.measure_bracketed(
             self.spec(
                 "list_events",
                 target,
@@ -587,7 +624,7 @@ class Bench:
             ),
             note=f"50 rows per page, cycling {len(tokens)} pages",
         )
-        self.report.summary["list_events"] = f"{list_events.calls_per_second / self.echo_cps:.2f}"
+        self.report.summary["list_events"] = f"{list_events:.2f}"
 
     def crm_scenarios(self, server: ServerProcess, stubs: Stubs) -> None:
         assert self.fakes is not None
@@ -671,7 +708,7 @@ class Bench:
             {"base": mass_base, "count": self.config.crm_deals, "phone_prefix": "+55 11 9"},
         )
         before = self.fakes.stats()
-        check = self.measure(
+        check_ratio = self.measure_bracketed(
             self.spec(
                 "check_crm",
                 crm_server.target,
@@ -682,12 +719,15 @@ class Bench:
                 },
             )
         )
+        check = self.report.rows[-1].result
+        assert check is not None
         after = self.fakes.stats()
         amo_per_call = (after["amo_requests"] - before["amo_requests"]) / max(1, check.ok_total)
-        self.report.rows[
-            -1
-        ].note = f"{amo_per_call:.1f} amoCRM requests per call (limiter raised, see crm_server.py)"
-        self.report.summary["check_crm"] = f"{check.calls_per_second / self.echo_cps:.2f}"
+        self.report.rows[-1].note = (
+            f"{amo_per_call:.1f} amoCRM requests per call (limiter raised, see crm_server.py); "
+            f"{self.report.rows[-1].note}"
+        )
+        self.report.summary["check_crm"] = f"{check_ratio:.2f}"
 
         deals = self.config.crm_deals
         pairs = [
@@ -1091,6 +1131,8 @@ def table(report: Report) -> str:
     for row in report.rows:
         r = row.result
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
+        if row.echo_around is not None:
+            ratio += f" (echo {row.echo_around[0]:.0f}/{row.echo_around[1]:.0f})"
         if r is None:
             lines.append(f"| {row.scenario} | - | - | - | - | {ratio} | - | {row.note} |")
         else:
