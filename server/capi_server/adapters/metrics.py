@@ -9,10 +9,12 @@ construction: levels, statuses, Graph error codes, gRPC methods and codes, CRM t
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from threading import Thread
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -109,11 +111,19 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or full_method
 
 
+@functools.lru_cache(maxsize=1024)
+def _rpc_metrics(full_method: str, code: str) -> tuple[Any, Any]:
+    """The labelled children of one (method, code): `labels()` validates and locks on every
+    call, and this runs for every RPC. Bounded: methods and codes are finite."""
+    service, method = _split_method(full_method)
+    return RPC_REQUESTS.labels(service, method, code), RPC_DURATION.labels(service, method)
+
+
 def observe_rpc(full_method: str, code: str, seconds: float) -> None:
     """The interceptor's observe hook: one finished (or refused) gRPC call."""
-    service, method = _split_method(full_method)
-    RPC_REQUESTS.labels(service, method, code).inc()
-    RPC_DURATION.labels(service, method).observe(seconds)
+    requests, duration = _rpc_metrics(full_method, code)
+    requests.inc()
+    duration.observe(seconds)
 
 
 def observe_event(level: int, status: str, error_code: int | None = None) -> None:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -92,12 +92,17 @@ def page_token(after_id: int | None) -> str:
     return base64.urlsafe_b64encode(json.dumps({"after": after_id}).encode()).decode()
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def timestamp(value: datetime | None) -> Timestamp | None:
+    # What Timestamp.FromDatetime computes, in integer arithmetic: that method is pure
+    # Python and showed in the profile of every SendConversion answer.
     if value is None:
         return None
-    ts = Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
+    seconds, micros = divmod((value.astimezone(UTC) - _EPOCH) // _MICROSECOND, 1_000_000)
+    return Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 def from_timestamp(value: Timestamp, present: bool) -> datetime | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -1301,6 +1302,10 @@ def _retrieve(future: asyncio.Future[EventOutcome]) -> None:
         future.exception()
 
 
+# Parsing a phone number (phonenumbers) costs more than the rest of a cached call; the same
+# contacts come back (every message of a dialog, every call about it), and a SendConversion
+# that misses the caches normalises its phone twice. Errors are not cached.
+@functools.lru_cache(maxsize=16384)
 def normalize_contact(raw: str, region: str | None) -> str:
     """International digits of a contact's phone; INVALID_ARGUMENT naming contact_phone."""
     if is_already_hashed(raw.strip().lower()):
