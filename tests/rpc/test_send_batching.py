@@ -11,13 +11,14 @@ from typing import Any
 import grpc
 import pytest
 from sqlalchemy import event as sa_event
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from capi.v1 import capi_sender_service_pb2 as pb
 from capi.v1 import resources_pb2 as res
-from capi_server.adapters.db import events_repo
-from capi_server.adapters.db.orm import CapiEventLogRow, LeadRow
+from capi_server.adapters.db import dialogs_repo, events_repo
+from capi_server.adapters.db.orm import CapiEventLogRow, LeadRow, utcnow
+from capi_server.domain.levels import Level
 from tests.builders import whatsapp_direction
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs
 from tests.fakes.graph import FakeGraph
@@ -236,3 +237,54 @@ async def test_a_caller_that_gives_up_still_gets_its_claimed_event_sent(
             break
         await asyncio.sleep(0.05)
     assert [e["event_name"] for e in graph.events()] == ["Lead"]
+
+
+@pytest.mark.parametrize("claimed_before", [False, True])
+@pytest.mark.parametrize("nested_loop", [False, True])
+async def test_the_first_claim_locks_every_dialog_of_its_batch(
+    stubs: Stubs, claimed_before: bool, nested_loop: bool
+) -> None:
+    """The batch's row locks come in id order before any claim (no deadlock with batches
+    and ingest transactions that lock dialogs in id order), also for dialogs above the
+    highest one claimed and when nothing is left to claim, whatever join the planner
+    picks (a nested loop reads a CTE only as far as it needs)."""
+    if stubs.app.db.dialect != "postgresql":
+        pytest.skip("SQLite locks the whole database")
+    setup = await whatsapp_direction(stubs)
+    db = stubs.app.db
+    contacts = [
+        dialogs_repo.NewContact(
+            int(setup.direction_id), setup.instance_name, f"7701888{i:04d}", f"7701888{i:04d}"
+        )
+        for i in range(4)
+    ]
+    async with db.session() as session:
+        found = await dialogs_repo.ensure_dialogs(session, contacts)
+        await session.commit()
+    ids = sorted(keys.dialog_id for keys in found.values())
+    if claimed_before:
+        async with db.session() as session:
+            await events_repo.claim_levels(
+                session, Level.INTEREST, {ids[0]: "evt-before"}, utcnow()
+            )
+            await session.commit()
+    async with db.session() as session:
+        if nested_loop:
+            # A nested-loop semi join that reads the CTE only up to the first match.
+            for setting in ("hashjoin", "mergejoin", "hashagg", "sort"):
+                await session.execute(text(f"SET LOCAL enable_{setting} = off"))
+        claimed = await events_repo.claim_levels(
+            session, Level.INTEREST, {ids[0]: "evt-now"}, utcnow(), lock_first=ids
+        )
+        assert claimed == (set() if claimed_before else {ids[0]})
+        async with db.autocommit() as other:
+            for dialog_id in ids:
+                with pytest.raises(DBAPIError) as refused:
+                    await other.execute(
+                        text(
+                            "SELECT id FROM dialog_analysis WHERE id = :id FOR NO KEY UPDATE NOWAIT"
+                        ),
+                        {"id": dialog_id},
+                    )
+                assert getattr(refused.value.orig, "sqlstate", "") == "55P03"  # lock_not_available
+        await session.rollback()

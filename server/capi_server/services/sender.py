@@ -1014,14 +1014,16 @@ class SenderService:
                 accepted.setdefault(id(result), (result, []))[1].append(
                     (event.log_id, event.dialog_id, event.level)
                 )
-        if self.db.dialect == "postgresql" and sum(len(i) for _, i in accepted.values()) == len(
-            results
+        if (
+            self.db.dialect == "postgresql"
+            and len(accepted) == 1
+            and sum(len(i) for _, i in accepted.values()) == len(results)
         ):
-            # All accepted (the usual case): one statement per Graph request, each atomic on
-            # its own, with no transaction around them.
+            # All accepted by one Graph request (the usual case): one statement, atomic on
+            # its own, with no transaction around it.
+            ((success, items),) = accepted.values()
             async with self.db.autocommit() as connection:
-                for success, items in accepted.values():
-                    await events_repo.mark_success(connection, items, dict(success.raw), now)
+                await events_repo.mark_success(connection, items, dict(success.raw), now)
             return self._recorded(results, [], now)
         outcomes: list[EventOutcome] = []
         async with self.db.session() as session:

@@ -194,7 +194,8 @@ _PG_FIND_DIALOGS = text(
 async def find_dialogs(
     session: AsyncSession, keys: Collection[ContactKey]
 ) -> dict[ContactKey, DialogKeys]:
-    """The existing leads' and dialogs' ids of `keys` (one query per direction)."""
+    """The existing leads' and dialogs' ids of `keys` (one query per direction). Runs on the
+    session's connection: changes pending in the session are not flushed first."""
     by_direction: dict[int, set[str]] = {}
     for direction_id, contact_key in keys:
         by_direction.setdefault(direction_id, set()).add(contact_key)
@@ -506,7 +507,8 @@ async def mark_from_ad_without_click_id(
 
 
 async def lead_ctwa_clids(session: AsyncSession, lead_ids: Collection[int]) -> dict[int, str]:
-    """{lead_id: ctwa_clid} of the leads that have one."""
+    """{lead_id: ctwa_clid} of the leads that have one (on the session's connection:
+    changes pending in the session are not flushed first)."""
     if not lead_ids:
         return {}
     connection = await session.connection()

@@ -47,8 +47,10 @@ _PG_CLAIM_LEVEL = {
     for level in Level
 }
 # The same, taking first the row locks of a batch's dialogs in id order (what lock_dialogs
-# does) in the same statement: every row the UPDATE changes passed the IN test, so the CTE
-# had locked it, in order, before.
+# does) in the same statement. A CTE that only selects runs only as far as it is read, so
+# the UPDATE alone would lock the ids up to the highest one it claims; the count is a
+# one-time filter, evaluated before the UPDATE reads a row, that reads (locks) them all.
+_LOCK_ALL_FIRST = "(SELECT count(*) FROM locked) >= 0"
 _PG_LOCK_AND_CLAIM_LEVEL = {
     level: text(
         "WITH locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
@@ -56,7 +58,7 @@ _PG_LOCK_AND_CLAIM_LEVEL = {
         f"UPDATE dialog_analysis AS d SET capi_{level.column}_event_id = c.event_id, "
         "updated_at = :now FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS text[])) "
         f"AS c(id, event_id) WHERE d.id = c.id AND d.capi_{level.column}_event_id IS NULL "
-        "AND d.id IN (SELECT id FROM locked) RETURNING d.id"
+        f"AND {_LOCK_ALL_FIRST} RETURNING d.id"
     )
     for level in Level
 }
@@ -176,9 +178,12 @@ async def latest_log_row(
 
 
 # PostgreSQL: one statement, so that it needs no transaction of its own (no BEGIN and
-# COMMIT round trips): the log rows in a CTE, the dialogs' levels from an id array per level.
+# COMMIT round trips): the dialogs locked in id order first (as every batch locks them),
+# the log rows in a CTE, the dialogs' levels from an id array per level.
 _PG_MARK_SENT = text(
-    "WITH logged AS (UPDATE capi_events_log SET status = :status, "
+    "WITH locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
+    "WHERE id = ANY(CAST(:dialog_ids AS bigint[])) ORDER BY id FOR NO KEY UPDATE), "
+    "logged AS (UPDATE capi_events_log SET status = :status, "
     "facebook_response = CAST(:response AS jsonb), attempts = attempts + 1, "
     "next_attempt_at = NULL, locked_until = NULL, error_code = NULL, error_subcode = NULL, "
     "error_message = NULL, hint = NULL, updated_at = :now "
@@ -191,7 +196,8 @@ _PG_MARK_SENT = text(
         f"bigint[])) THEN :now ELSE d.capi_{level.column}_sent_at END"
         for level in Level
     )
-    + ", updated_at = :now WHERE d.id = ANY(CAST(:dialog_ids AS bigint[]))"
+    + ", updated_at = :now WHERE d.id = ANY(CAST(:dialog_ids AS bigint[])) "
+    f"AND {_LOCK_ALL_FIRST}"
 )
 
 
