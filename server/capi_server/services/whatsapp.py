@@ -249,11 +249,14 @@ class WhatsAppService:
                         datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now,
                     ),
                 )
-            inserted = await dialogs_repo.store_messages(session, list(rows.values()), now=now)
-            clids = await dialogs_repo.lead_ctwa_clids(
-                session, {k.lead_id for m, k in stored if not m.ctwa_clid}
+            written = await dialogs_repo.store_messages(
+                session,
+                list(rows.values()),
+                now=now,
+                clids_of={k.lead_id for m, k in stored if not m.ctwa_clid},
             )
             await session.commit()
+        inserted, clids = written.stored, written.ctwa_clids
         outcomes = iter(stored)
         for i, result in enumerate(results):
             if isinstance(result, Exception):

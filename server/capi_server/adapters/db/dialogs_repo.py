@@ -127,7 +127,9 @@ _PG_STORE_MESSAGES = text(
     "counted AS (UPDATE dialog_analysis AS d SET "
     "client_message_count = d.client_message_count + a.n, last_message_at = a.last_at, "
     "updated_at = :now FROM added AS a WHERE d.id = a.id AND d.id IN (SELECT id FROM locked)) "
-    "SELECT dialog_id, message_id FROM stored"
+    "SELECT dialog_id, message_id, NULL::bigint, NULL::text FROM stored UNION ALL "
+    "SELECT NULL, NULL, id, ctwa_clid FROM leads "
+    "WHERE id = ANY(CAST(:leads AS bigint[])) AND ctwa_clid IS NOT NULL"
 )
 
 # PostgreSQL: ensure_dialogs in one statement: the dialogs that exist are read (`found`),
@@ -411,14 +413,25 @@ class NewMessage:
     sent_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class StoredMessages:
+    stored: set[tuple[int, str]]  # (dialog_id, message_id) stored now
+    ctwa_clids: dict[int, str]  # {lead_id: ctwa_clid} of the `clids_of` leads that have one
+
+
 async def store_messages(
-    session: AsyncSession, messages: Sequence[NewMessage], *, now: datetime
-) -> set[tuple[int, str]]:
+    session: AsyncSession,
+    messages: Sequence[NewMessage],
+    *,
+    now: datetime,
+    clids_of: Collection[int] = (),
+) -> StoredMessages:
     """Stores the messages not stored yet and adds the new client (not from_me) messages
-    to their dialogs' counters (client_message_count, last_message_at); returns the
-    (dialog_id, message_id) stored now."""
+    to their dialogs' counters (client_message_count, last_message_at); also reads the
+    click ids of the `clids_of` leads, as lead_ctwa_clids would (on PostgreSQL in the same
+    statement: one round trip for an IngestMessage batch's writes and its last read)."""
     if not messages:
-        return set()
+        return StoredMessages(set(), await lead_ctwa_clids(session, clids_of))
     rows = [
         {
             "dialog_id": m.dialog_id,
@@ -432,8 +445,17 @@ async def store_messages(
     ]
     connection = await session.connection()
     if connection.dialect.name == "postgresql":
-        result = await connection.execute(_PG_STORE_MESSAGES, {"rows": json_rows(rows), "now": now})
-        return {(dialog_id, message_id) for dialog_id, message_id in result}
+        result = await connection.execute(
+            _PG_STORE_MESSAGES, {"rows": json_rows(rows), "now": now, "leads": sorted(clids_of)}
+        )
+        stored: set[tuple[int, str]] = set()
+        clids: dict[int, str] = {}
+        for dialog_id, message_id, lead_id, clid in result:
+            if lead_id is None:
+                stored.add((dialog_id, message_id))
+            else:
+                clids[lead_id] = clid
+        return StoredMessages(stored, clids)
     result = await _insert_rows_sqlite(session, "insert_messages", rows, {"created_at": now})
     stored = {(dialog_id, message_id) for dialog_id, message_id in result}
     added: dict[int, tuple[int, datetime]] = {}
@@ -449,7 +471,7 @@ async def store_messages(
                 for dialog_id, (n, last_at) in sorted(added.items())
             ],
         )
-    return stored
+    return StoredMessages(stored, await lead_ctwa_clids(session, clids_of))
 
 
 _COUNT_CLIENT_MESSAGES = (
