@@ -7,13 +7,19 @@ with "9" and 12 digits, so they never collide with the benchmark's own "7701..."
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+
+from capi_server.adapters.db import dialogs_repo, events_repo
+from capi_server.domain.levels import Level
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -146,55 +152,124 @@ class HotQuery:
     mutates: bool = False
 
 
+_PSYCOPG_DIALECT = create_engine("postgresql+psycopg://").dialect  # never connects
+
+
+def _psycopg_sql(statement: Any) -> str:
+    """A repository's statement as psycopg runs it (`%(name)s` placeholders)."""
+    return str(statement.compile(dialect=_PSYCOPG_DIALECT))
+
+
 def hot_queries(
     *, direction_id: int, contact_key: str, lead_id: int, dialog_id: int, middle_event_id: int
 ) -> list[HotQuery]:
-    """The statements the hot paths issue, as the repositories build them (literal SQL)."""
+    """The statements the hot paths issue on PostgreSQL: the repositories' own statement
+    texts where they are constant, the rendered form of the one ORM query."""
+    now = datetime.now(UTC)
+    new_key = "77019999999"
+    contacts = [
+        {
+            "direction_id": direction_id,
+            "contact_key": key,
+            "contact_phone": key,
+            "instance_name": "bench-wa",
+            "dialog_phone": key,
+        }
+        for key in (contact_key, new_key)
+    ]
+    message = {
+        "dialog_id": dialog_id,
+        "message_id": "bench-explain",
+        "from_me": False,
+        "text": "hello",
+        "message_type": "text",
+        "sent_at": now.isoformat(),
+    }
+    log_row = {
+        "direction_id": direction_id,
+        "dialog_id": dialog_id,
+        "lead_id": lead_id,
+        "level": 2,
+        "event_name": "CompleteRegistration",
+        "event_id": "bench-explain",
+        "status": "pending",
+        "attempts": 0,
+        "created_at": now.isoformat(),
+        "updated_at": now.isoformat(),
+    }
     return [
         HotQuery(
-            "Lead lookup by direction + contact_key",
-            "dialogs_repo.ensure_dialog (IngestMessage, SendConversion)",
-            "SELECT leads.id FROM leads "
-            "WHERE leads.direction_id = %(d)s AND leads.contact_key = %(k)s",
-            {"d": direction_id, "k": contact_key},
-        ),
-        HotQuery(
-            "Lead insert-if-missing",
-            "dialogs_repo.insert_ignore (IngestMessage, SendConversion)",
-            "INSERT INTO leads (direction_id, contact_key, contact_phone, "
-            "from_ad_without_click_id, created_at, updated_at) "
-            "VALUES (%(d)s, %(k)s, %(k)s, false, now(), now()) "
-            "ON CONFLICT (direction_id, contact_key) DO NOTHING RETURNING leads.id",
-            {"d": direction_id, "k": contact_key},
+            "Find or create the batch's leads and dialogs (one existing contact, one new)",
+            "dialogs_repo.ensure_dialogs (IngestMessage and SendConversion batches)",
+            _psycopg_sql(dialogs_repo._PG_ENSURE_DIALOGS),
+            {"rows": json.dumps(contacts), "now": now},
             mutates=True,
         ),
         HotQuery(
-            "Dialog by lead",
-            "dialogs_repo.ensure_dialog",
-            "SELECT dialog_analysis.id FROM dialog_analysis WHERE dialog_analysis.lead_id = %(l)s",
-            {"l": lead_id},
+            "Store messages, bump counters, read click ids",
+            "dialogs_repo.store_messages (IngestMessage batch)",
+            _psycopg_sql(dialogs_repo._PG_STORE_MESSAGES),
+            {"rows": json.dumps([message]), "now": now, "leads": [lead_id]},
+            mutates=True,
         ),
         HotQuery(
-            "Dialog by direction + contact_key (join)",
-            "SenderService.load_context(create=False) (AnalyzeDialog by phone)",
-            "SELECT dialog_analysis.* FROM dialog_analysis "
+            "Find dialogs by contact (no create)",
+            "dialogs_repo.find_dialogs (AnalyzeDialog / GetDialogStatus by phone)",
+            _psycopg_sql(dialogs_repo._PG_FIND_DIALOGS),
+            {"direction": direction_id, "contacts": [contact_key]},
+        ),
+        HotQuery(
+            "Dialogs with their leads (ORM rows)",
+            "dialogs_repo.load_dialogs_and_leads (SendConversion claim batch)",
+            "SELECT dialog_analysis.*, leads.* FROM dialog_analysis "
             "JOIN leads ON leads.id = dialog_analysis.lead_id "
-            "WHERE leads.direction_id = %(d)s AND leads.contact_key = %(k)s",
-            {"d": direction_id, "k": contact_key},
+            "WHERE dialog_analysis.id IN (%(i)s)",
+            {"i": dialog_id},
         ),
         HotQuery(
-            "Claim UPDATE",
-            "events_repo.claim_levels (SendConversion new events)",
-            "UPDATE dialog_analysis SET capi_qualified_event_id = CASE dialog_analysis.id "
-            "WHEN %(i)s THEN 'bench-explain' END, updated_at = now() "
-            "WHERE dialog_analysis.id IN (%(i)s) "
-            "AND dialog_analysis.capi_qualified_event_id IS NULL RETURNING dialog_analysis.id",
-            {"i": dialog_id},
+            "Lock the batch's dialogs and claim a level",
+            "events_repo.claim_levels(lock_first=...) (SendConversion claim batch)",
+            _psycopg_sql(events_repo._PG_LOCK_AND_CLAIM_LEVEL[Level.QUALIFIED]),
+            {
+                "lock_ids": [dialog_id],
+                "ids": [dialog_id],
+                "event_ids": ["bench-explain"],
+                "now": now,
+            },
             mutates=True,
+        ),
+        HotQuery(
+            "Insert log rows",
+            "events_repo.insert_log_rows (SendConversion claim batch)",
+            _psycopg_sql(events_repo._PG_INSERT_LOG_ROWS),
+            {"rows": json.dumps([log_row])},
+            mutates=True,
+        ),
+        HotQuery(
+            "Record a Graph request's accepted events",
+            "events_repo.mark_success (after each Graph request)",
+            _psycopg_sql(events_repo._PG_MARK_SENT),
+            {
+                "status": "success",
+                "response": "{}",
+                "now": now,
+                "log_ids": [middle_event_id],
+                "dialog_ids": [dialog_id],
+                "level1": [],
+                "level2": [dialog_id],
+                "level3": [],
+            },
+            mutates=True,
+        ),
+        HotQuery(
+            "Dialog states",
+            "dialogs_repo.dialog_states (AnalyzeDialog read batch)",
+            dialogs_repo._PG_DIALOG_STATES,
+            {"ids": [dialog_id]},
         ),
         HotQuery(
             "Latest log row of (dialog, level)",
-            "events_repo.latest_log_row (SendConversion already sent)",
+            "events_repo.latest_log_row (a level claimed before, not known sent)",
             "SELECT * FROM capi_events_log WHERE capi_events_log.dialog_id = %(i)s "
             "AND capi_events_log.level = 1 AND capi_events_log.status != 'skipped' "
             "ORDER BY capi_events_log.id DESC LIMIT 1",
