@@ -242,14 +242,21 @@ async def test_a_caller_that_gives_up_still_gets_its_claimed_event_sent(
 @pytest.mark.parametrize("claimed_before", [False, True])
 @pytest.mark.parametrize("nested_loop", [False, True])
 async def test_the_first_claim_locks_every_dialog_of_its_batch(
-    stubs: Stubs, claimed_before: bool, nested_loop: bool
+    postgres_url: str, claimed_before: bool, nested_loop: bool
 ) -> None:
     """The batch's row locks come in id order before any claim (no deadlock with batches
     and ingest transactions that lock dialogs in id order), also for dialogs above the
     highest one claimed and when nothing is left to claim, whatever join the planner
     picks (a nested loop reads a CTE only as far as it needs)."""
-    if stubs.app.db.dialect != "postgresql":
-        pytest.skip("SQLite locks the whole database")
+    # PostgreSQL only: SQLite locks the whole database.
+    stubs = await start_stubs(make_settings(postgres_url))
+    try:
+        await _check_first_claim_locks(stubs, claimed_before, nested_loop)
+    finally:
+        await stop_stubs(stubs)
+
+
+async def _check_first_claim_locks(stubs: Stubs, claimed_before: bool, nested_loop: bool) -> None:
     setup = await whatsapp_direction(stubs)
     db = stubs.app.db
     contacts = [
