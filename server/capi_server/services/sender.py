@@ -1017,7 +1017,7 @@ class SenderService:
         if (
             self.db.dialect == "postgresql"
             and len(accepted) == 1
-            and sum(len(i) for _, i in accepted.values()) == len(results)
+            and all(isinstance(result, GraphSuccess) for _, result in results)
         ):
             # All accepted by one Graph request (the usual case): one statement, atomic on
             # its own, with no transaction around it.

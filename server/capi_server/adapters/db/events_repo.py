@@ -30,38 +30,46 @@ def _is_postgresql(session: AsyncSession) -> bool:
     return session.bind is not None and session.bind.dialect.name == "postgresql"
 
 
+def _lock_in_id_order(ids_param: str) -> str:
+    """The SELECT that row-locks the dialogs of array parameter `ids_param` in id order,
+    the order every batch locks dialogs in."""
+    return (
+        f"SELECT id FROM dialog_analysis WHERE id = ANY(CAST(:{ids_param} AS bigint[])) "
+        "ORDER BY id FOR NO KEY UPDATE"
+    )
+
+
+# Statements that take those locks first, in a `locked` CTE. A CTE that only selects runs
+# only as far as it is read, so an UPDATE that reads it would lock the ids up to the
+# highest one it updates; the count is a one-time filter, evaluated before the UPDATE reads
+# a row, that reads (locks) them all.
+def _locked_cte(ids_param: str) -> str:
+    return f"locked AS MATERIALIZED ({_lock_in_id_order(ids_param)})"
+
+
+_LOCK_ALL_FIRST = "(SELECT count(*) FROM locked) >= 0"
+
+
+def _claim_level(level: Level, *, lock_first: bool) -> str:
+    """Sets capi_<level>_event_id where NULL for (:ids, :event_ids); with `lock_first`,
+    after locking the dialogs of :lock_ids (lock_dialogs in the same statement)."""
+    column = f"capi_{level.column}_event_id"
+    return (
+        (f"WITH {_locked_cte('lock_ids')} " if lock_first else "")
+        + f"UPDATE dialog_analysis AS d SET {column} = c.event_id, updated_at = :now "
+        "FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS text[])) AS c(id, event_id) "
+        f"WHERE d.id = c.id AND d.{column} IS NULL "
+        + (f"AND {_LOCK_ALL_FIRST} " if lock_first else "")
+        + "RETURNING d.id"
+    )
+
+
 # PostgreSQL: constant statement texts with array parameters, so that neither SQLAlchemy
 # builds nor psycopg parses a statement per batch (an IN list or a CASE of one branch per
 # dialog is new text for every batch size, and is not cached past 50 parameters).
-_PG_LOCK_DIALOGS = text(
-    "SELECT id FROM dialog_analysis WHERE id = ANY(CAST(:ids AS bigint[])) "
-    "ORDER BY id FOR NO KEY UPDATE"
-)
-_PG_CLAIM_LEVEL = {
-    level: text(
-        f"UPDATE dialog_analysis AS d SET capi_{level.column}_event_id = c.event_id, "
-        "updated_at = :now FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS text[])) "
-        f"AS c(id, event_id) WHERE d.id = c.id AND d.capi_{level.column}_event_id IS NULL "
-        "RETURNING d.id"
-    )
-    for level in Level
-}
-# The same, taking first the row locks of a batch's dialogs in id order (what lock_dialogs
-# does) in the same statement. A CTE that only selects runs only as far as it is read, so
-# the UPDATE alone would lock the ids up to the highest one it claims; the count is a
-# one-time filter, evaluated before the UPDATE reads a row, that reads (locks) them all.
-_LOCK_ALL_FIRST = "(SELECT count(*) FROM locked) >= 0"
-_PG_LOCK_AND_CLAIM_LEVEL = {
-    level: text(
-        "WITH locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
-        "WHERE id = ANY(CAST(:lock_ids AS bigint[])) ORDER BY id FOR NO KEY UPDATE) "
-        f"UPDATE dialog_analysis AS d SET capi_{level.column}_event_id = c.event_id, "
-        "updated_at = :now FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS text[])) "
-        f"AS c(id, event_id) WHERE d.id = c.id AND d.capi_{level.column}_event_id IS NULL "
-        f"AND {_LOCK_ALL_FIRST} RETURNING d.id"
-    )
-    for level in Level
-}
+_PG_LOCK_DIALOGS = text(_lock_in_id_order("ids"))
+_PG_CLAIM_LEVEL = {level: text(_claim_level(level, lock_first=False)) for level in Level}
+_PG_LOCK_AND_CLAIM_LEVEL = {level: text(_claim_level(level, lock_first=True)) for level in Level}
 
 
 async def lock_dialogs(session: AsyncSession, dialog_ids: Collection[int]) -> None:
@@ -181,8 +189,7 @@ async def latest_log_row(
 # COMMIT round trips): the dialogs locked in id order first (as every batch locks them),
 # the log rows in a CTE, the dialogs' levels from an id array per level.
 _PG_MARK_SENT = text(
-    "WITH locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
-    "WHERE id = ANY(CAST(:dialog_ids AS bigint[])) ORDER BY id FOR NO KEY UPDATE), "
+    f"WITH {_locked_cte('dialog_ids')}, "
     "logged AS (UPDATE capi_events_log SET status = :status, "
     "facebook_response = CAST(:response AS jsonb), attempts = attempts + 1, "
     "next_attempt_at = NULL, locked_until = NULL, error_code = NULL, error_subcode = NULL, "
