@@ -197,7 +197,22 @@ def hot_queries(
         "created_at": now.isoformat(),
         "updated_at": now.isoformat(),
     }
+    contact_messages = [
+        {**{k: v for k, v in message.items() if k != "dialog_id"}, "contact": i, "message_id": m}
+        for i, m in ((1, "bench-explain-batch"), (2, "bench-explain-new"))
+    ]
     return [
+        HotQuery(
+            "IngestMessage batch in one statement (one existing contact, one new)",
+            "dialogs_repo.ingest_batch (IngestMessage batch without click ids, autocommit)",
+            _psycopg_sql(dialogs_repo._PG_INGEST_BATCH),
+            {
+                "contacts": json.dumps(contacts),
+                "messages": json.dumps(contact_messages),
+                "now": now,
+            },
+            mutates=True,
+        ),
         HotQuery(
             "Find or create the batch's leads and dialogs (one existing contact, one new)",
             "dialogs_repo.ensure_dialogs (IngestMessage and SendConversion batches)",
@@ -207,7 +222,7 @@ def hot_queries(
         ),
         HotQuery(
             "Store messages, bump counters, read click ids",
-            "dialogs_repo.store_messages (IngestMessage batch)",
+            "dialogs_repo.store_messages (IngestMessage batch with click ids)",
             _psycopg_sql(dialogs_repo._PG_STORE_MESSAGES),
             {"rows": json.dumps([message]), "now": now, "leads": [lead_id]},
             mutates=True,

@@ -4,6 +4,7 @@ caller still gets its own answer, on both databases."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -96,14 +97,26 @@ async def test_a_message_the_database_rejects_fails_alone(
     stubs: Stubs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup = await whatsapp_direction(stubs)
+    # Both ways a batch is stored: one statement (PostgreSQL) and the transaction.
     real_insert = dialogs_repo.store_messages
+    real_batch = dialogs_repo.ingest_batch
 
-    async def insert_rejecting_poison(session: Any, messages: Any, **kw: Any) -> Any:
+    def reject_poison(messages: Any) -> None:
         if any(m.message_id == "poison" for m in messages):
             raise IntegrityError("INSERT", {}, Exception("rejected"))
+
+    async def insert_rejecting_poison(session: Any, messages: Any, **kw: Any) -> Any:
+        reject_poison(messages)
         return await real_insert(session, messages, **kw)
 
+    async def batch_rejecting_poison(
+        connection: Any, contacts: Any, messages: Any, **kw: Any
+    ) -> Any:
+        reject_poison(messages)
+        return await real_batch(connection, contacts, messages, **kw)
+
     monkeypatch.setattr(dialogs_repo, "store_messages", insert_rejecting_poison)
+    monkeypatch.setattr(dialogs_repo, "ingest_batch", batch_rejecting_poison)
     service = stubs.app.whatsapp
     before = service._ingest.batches
     ids = [f"m{i}" for i in range(9)] + ["poison"]
@@ -137,3 +150,111 @@ async def test_a_message_the_database_rejects_fails_alone(
             )
         ).scalars()
         assert sorted(stored) == sorted(ids[:-1])
+
+
+async def _dialog_counts(stubs: Stubs, direction_id: int) -> dict[str, tuple[int, Any, int]]:
+    """{contact_key: (client_message_count, last_message_at, stored messages)}."""
+    async with stubs.app.db.session() as session:
+        rows = (
+            await session.execute(
+                select(
+                    LeadRow.contact_key,
+                    DialogAnalysisRow.client_message_count,
+                    DialogAnalysisRow.last_message_at,
+                    func.count(DialogMessageRow.id),
+                )
+                .join(DialogAnalysisRow, DialogAnalysisRow.lead_id == LeadRow.id)
+                .outerjoin(DialogMessageRow, DialogMessageRow.dialog_id == DialogAnalysisRow.id)
+                .where(LeadRow.direction_id == direction_id)
+                .group_by(
+                    LeadRow.contact_key,
+                    DialogAnalysisRow.client_message_count,
+                    DialogAnalysisRow.last_message_at,
+                )
+            )
+        ).all()
+    return {key: (count, last_at, stored) for key, count, last_at, stored in rows}
+
+
+def _message(direction_id: int, contact: int, message_id: str, **kw: Any) -> IncomingMessage:
+    fields: dict[str, Any] = {
+        "direction_id": direction_id,
+        "instance_name": None,
+        "contact_phone": phone(contact),
+        "message_id": message_id,
+        "from_me": False,
+        "text": "hello",
+        "sent_at": None,
+        "ctwa_clid": None,
+    }
+    fields.update(kw)
+    return IncomingMessage(**fields)
+
+
+async def test_one_batch_counts_client_messages_of_new_and_existing_dialogs(
+    stubs: Stubs,
+) -> None:
+    """New dialogs get their counters when created (PostgreSQL: in the same statement as
+    their messages); existing ones are counted up; from_me and repeats do not count."""
+    setup = await whatsapp_direction(stubs)
+    direction_id = int(setup.direction_id)
+    service = stubs.app.whatsapp
+    t1 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    t2 = datetime(2026, 12, 1, 10, 5, tzinfo=UTC)
+    t3 = datetime(2026, 12, 1, 10, 9, tzinfo=UTC)
+    first = await service.ingest(_message(direction_id, 1, "old-1", sent_at=t1))
+    assert first.stored
+    before = service._ingest.batches
+    batch = [
+        _message(direction_id, 1, "old-1", sent_at=t1),  # already stored
+        _message(direction_id, 1, "old-2", sent_at=t3),
+        _message(direction_id, 1, "old-3", sent_at=t3, from_me=True),
+        _message(direction_id, 2, "new-1", sent_at=t1),
+        _message(direction_id, 2, "new-2", sent_at=t2),
+        _message(direction_id, 2, "new-2", sent_at=t2),  # the same message twice
+        _message(direction_id, 2, "new-3", sent_at=t3, from_me=True),
+        _message(direction_id, 3, "mine-1", sent_at=t1, from_me=True),
+    ]
+    results = await asyncio.gather(*(service.ingest(m) for m in batch))
+    assert service._ingest.batches - before == 1
+    assert [r.stored for r in results] == [False, True, True, True, True, False, True, True]
+    assert results[0].skipped_reason == results[5].skipped_reason == "message already stored"
+    assert results[0].dialog_id == first.dialog_id == results[1].dialog_id
+    assert len({r.dialog_id for r in results}) == 3
+    counts = await _dialog_counts(stubs, direction_id)
+    assert counts == {
+        "77015550001": (2, t3, 3),
+        "77015550002": (2, t2, 3),
+        "77015550003": (0, None, 1),
+    }
+
+
+async def test_a_lead_without_a_dialog_gets_one_with_its_message(stubs: Stubs) -> None:
+    """A lead that exists without a dialog (as when another transaction is creating the
+    contact) is left out of the one-statement batch and stored by the transaction path:
+    the message is not lost and the dialog is made."""
+    setup = await whatsapp_direction(stubs)
+    direction_id = int(setup.direction_id)
+    async with stubs.app.db.session() as session:
+        await dialogs_repo.ensure_dialogs(
+            session,
+            [dialogs_repo.NewContact(direction_id, None, "77015550007", "77015550007")],
+        )
+        await session.flush()
+        await session.execute(
+            DialogAnalysisRow.__table__.delete().where(  # type: ignore[attr-defined]
+                DialogAnalysisRow.direction_id == direction_id
+            )
+        )
+        await session.commit()
+    service = stubs.app.whatsapp
+    results = await asyncio.gather(
+        service.ingest(_message(direction_id, 7, "lone-1")),
+        service.ingest(_message(direction_id, 8, "other-1")),
+    )
+    assert all(r.stored and r.dialog_id for r in results)
+    counts = await _dialog_counts(stubs, direction_id)
+    assert {k: (n, stored) for k, (n, _, stored) in counts.items()} == {
+        "77015550007": (1, 1),
+        "77015550008": (1, 1),
+    }

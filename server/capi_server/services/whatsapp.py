@@ -115,6 +115,26 @@ class AnalysisResult:
     skipped_reason: str = ""
 
 
+def _instance_of(item: _QueuedMessage) -> str | None:
+    """The instance that names a queued message's direction (when no direction_id does)."""
+    instance = item.message.instance_name or item.fallback_instance
+    if item.direction_id is None and not instance:
+        raise InvalidArgument.field(
+            "instance_name", "the webhook names no instance; pass instance_name"
+        )
+    return instance
+
+
+def _contact_in(
+    snapshot: DirectionSnapshot, message: InboundMessage
+) -> tuple[DirectionSnapshot, str, str | None]:
+    """(direction, contact key, normalised phone) of a message of the direction."""
+    if not message.contact_phone:
+        return snapshot, message.contact_key, None
+    phone = normalize_contact(message.contact_phone, snapshot.default_region)
+    return snapshot, phone, phone
+
+
 class WhatsAppService:
     def __init__(
         self,
@@ -210,6 +230,117 @@ class WhatsAppService:
         return await self._ingest.submit(_QueuedMessage(inbound, message.direction_id, None))
 
     async def _store(self, queued: list[_QueuedMessage]) -> list[IngestResult | Exception]:
+        """A batch of messages: on PostgreSQL one self-committing statement when the
+        batch allows it (see _store_in_one_statement), else one transaction of a few
+        statements whatever the number of messages."""
+        if self.db.dialect == "postgresql":
+            stored = await self._store_in_one_statement(queued)
+            if stored is not None:
+                return stored
+        return await self._store_in_transaction(queued)
+
+    async def _store_in_one_statement(
+        self, queued: list[_QueuedMessage]
+    ) -> list[IngestResult | Exception] | None:
+        """dialogs_repo.ingest_batch: one round trip for the whole batch (when its
+        directions are cached). None (nothing written) when a message carries a click id
+        or an ad without one: those update the lead, on the transaction path. Contacts
+        another transaction created meanwhile are stored by the transaction path, after
+        this statement."""
+        if any(i.message.ctwa_clid or i.message.from_ad_without_click_id for i in queued):
+            return None
+        now = utcnow()
+        results: list[IngestResult | Exception] = []
+        contacts: dict[dialogs_repo.ContactKey, dialogs_repo.NewContact] = {}
+        messages: dict[tuple[dialogs_repo.ContactKey, str], dialogs_repo.ContactMessage] = {}
+        keyed: list[tuple[int, dialogs_repo.ContactKey, InboundMessage]] = []
+        contacts_of = await self._contacts_of(queued)
+        for i, (item, found) in enumerate(zip(queued, contacts_of, strict=True)):
+            if isinstance(found, DomainError):
+                results.append(found)
+                continue
+            message = item.message
+            snapshot, contact_key, phone = found
+            key = (snapshot.direction_id, contact_key)
+            contacts.setdefault(
+                key,
+                dialogs_repo.NewContact(
+                    snapshot.direction_id, snapshot.direction.instance_name, contact_key, phone
+                ),
+            )
+            # The same message twice in one batch: the first one counts.
+            messages.setdefault(
+                (key, message.message_id),
+                dialogs_repo.ContactMessage(
+                    key,
+                    message.message_id,
+                    message.from_me,
+                    db_text(message.text),
+                    message.message_type[:32],
+                    datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now,
+                ),
+            )
+            keyed.append((i, key, message))
+            results.append(IngestResult())
+        if contacts:
+            async with self.db.autocommit() as connection:
+                written = await dialogs_repo.ingest_batch(
+                    connection, list(contacts.values()), list(messages.values()), now=now
+                )
+        else:
+            written = dialogs_repo.IngestedBatch({}, set(), {})
+        for (_, contact_key), ensured in written.dialogs.items():
+            self.sender.cache.remember_dialog(contact_key, ensured)
+        inserted = written.stored
+        left: list[int] = []
+        for i, key, message in keyed:
+            keys = written.dialogs.get(key)
+            if keys is None:  # created by another transaction meanwhile
+                left.append(i)
+                continue
+            stored_key = (keys.dialog_id, message.message_id)
+            is_new = stored_key in inserted
+            inserted.discard(stored_key)  # its repeat in the same batch was not stored
+            results[i] = IngestResult(
+                dialog_id=keys.dialog_id,
+                lead_id=keys.lead_id,
+                stored=is_new,
+                skipped_reason="" if is_new else "message already stored",
+                has_ctwa_clid=bool(written.ctwa_clids.get(keys.lead_id)),
+            )
+        if left:
+            for i, result in zip(
+                left, await self._store_in_transaction([queued[i] for i in left]), strict=True
+            ):
+                results[i] = result
+        return results
+
+    async def _contacts_of(
+        self, queued: list[_QueuedMessage]
+    ) -> list[tuple[DirectionSnapshot, str, str | None] | DomainError]:
+        """_contact_of of each message (or its error); a session only when a direction
+        is not cached."""
+        found: list[tuple[DirectionSnapshot, str, str | None] | DomainError | None] = []
+        for item in queued:
+            try:
+                snapshot = self.sender.cache.cached_direction(item.direction_id, _instance_of(item))
+                found.append(None if snapshot is None else _contact_in(snapshot, item.message))
+            except DomainError as exc:
+                found.append(exc)
+        if all(f is not None for f in found):
+            return [f for f in found if f is not None]
+        async with self.db.session() as session:
+            for i, item in enumerate(queued):
+                if found[i] is None:
+                    try:
+                        found[i] = await self._contact_of(session, item)
+                    except DomainError as exc:
+                        found[i] = exc
+        return [f for f in found if f is not None]
+
+    async def _store_in_transaction(
+        self, queued: list[_QueuedMessage]
+    ) -> list[IngestResult | Exception]:
         """One transaction for all: a few statements whatever the number of messages."""
         now = utcnow()
         results: list[IngestResult | Exception] = []
@@ -278,22 +409,10 @@ class WhatsAppService:
         self, session: Any, item: _QueuedMessage
     ) -> tuple[DirectionSnapshot, str, str | None]:
         """(direction, contact key, normalised phone) of a queued message."""
-        snapshot = await self._direction_of(session, item)
-        message = item.message
-        if not message.contact_phone:
-            return snapshot, message.contact_key, None
-        phone = normalize_contact(message.contact_phone, snapshot.default_region)
-        return snapshot, phone, phone
-
-    async def _direction_of(self, session: Any, item: _QueuedMessage) -> DirectionSnapshot:
-        instance = item.message.instance_name or item.fallback_instance
-        if item.direction_id is None and not instance:
-            raise InvalidArgument.field(
-                "instance_name", "the webhook names no instance; pass instance_name"
-            )
-        return await self.sender.cache.direction(
-            session, direction_id=item.direction_id, instance_name=instance
+        snapshot = await self.sender.cache.direction(
+            session, direction_id=item.direction_id, instance_name=_instance_of(item)
         )
+        return _contact_in(snapshot, item.message)
 
     # -- AnalyzeDialog ------------------------------------------------------------------
 

@@ -167,6 +167,63 @@ _PG_ENSURE_DIALOGS = text(
 )
 
 
+# PostgreSQL: an IngestMessage batch in one statement, which commits on its own (an
+# autocommit connection: no BEGIN and COMMIT round trips): ensure_dialogs and
+# store_messages merged. A statement cannot update a row it inserted, so a dialog created
+# here gets its counters in its INSERT (every message of a new dialog is new: no other
+# transaction can see the dialog yet); the counters of dialogs that existed are updated
+# from the messages stored, locked in id order as store_messages does. Leads and dialogs
+# that another transaction inserted meanwhile conflict (DO NOTHING): those contacts are
+# not in the answer, and the caller stores their messages with the two-statement path.
+_PG_INGEST_BATCH = text(
+    "WITH contacts AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(:contacts AS json)) "
+    "AS (direction_id bigint, contact_key text, contact_phone text, instance_name text, "
+    "dialog_phone text)) WITH ORDINALITY "
+    "AS t(direction_id, contact_key, contact_phone, instance_name, dialog_phone, ord)), "
+    "msgs AS (SELECT * FROM json_to_recordset(CAST(:messages AS json)) AS m(contact bigint, "
+    "message_id text, from_me boolean, text text, message_type text, sent_at timestamptz)), "
+    "found AS (SELECT i.ord, d.id, d.lead_id, l.ctwa_clid FROM contacts AS i "
+    "JOIN leads AS l ON l.direction_id = i.direction_id AND l.contact_key = i.contact_key "
+    "JOIN dialog_analysis AS d ON d.lead_id = l.id), "
+    "missing AS (SELECT * FROM contacts AS i WHERE NOT EXISTS "
+    "(SELECT 1 FROM found AS f WHERE f.ord = i.ord)), "
+    "new_counts AS (SELECT contact AS ord, count(*) FILTER (WHERE NOT from_me) AS n, "
+    "max(sent_at) FILTER (WHERE NOT from_me) AS last_at FROM msgs GROUP BY contact), "
+    "l AS (INSERT INTO leads (direction_id, contact_key, contact_phone, "
+    "from_ad_without_click_id, created_at, updated_at) "
+    "SELECT direction_id, contact_key, contact_phone, false, :now, :now FROM missing "
+    "ORDER BY ord ON CONFLICT (direction_id, contact_key) DO NOTHING "
+    "RETURNING id, direction_id, contact_key), "
+    "d AS (INSERT INTO dialog_analysis (lead_id, direction_id, instance_name, contact_phone, "
+    "capi_interest_sent, capi_qualified_sent, capi_scheduled_sent, client_message_count, "
+    "last_message_at, analyzed_client_message_count, is_interested, is_qualified, "
+    "is_scheduled, held_levels, created_at, updated_at) "
+    "SELECT l.id, i.direction_id, i.instance_name, i.dialog_phone, false, false, false, "
+    "coalesce(c.n, 0), c.last_at, 0, false, false, false, CAST('{}' AS jsonb), :now, :now "
+    "FROM l JOIN missing AS i ON i.direction_id = l.direction_id "
+    "AND i.contact_key = l.contact_key LEFT JOIN new_counts AS c ON c.ord = i.ord "
+    "ORDER BY i.ord ON CONFLICT (lead_id) DO NOTHING RETURNING id, lead_id), "
+    "resolved AS (SELECT ord, id, lead_id, ctwa_clid FROM found UNION ALL "
+    "SELECT i.ord, d.id, d.lead_id, NULL FROM d JOIN l ON l.id = d.lead_id "
+    "JOIN missing AS i ON i.direction_id = l.direction_id AND i.contact_key = l.contact_key), "
+    "stored AS (INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, "
+    "message_type, sent_at, created_at) "
+    "SELECT r.id, m.message_id, m.from_me, m.text, m.message_type, m.sent_at, :now "
+    "FROM msgs AS m JOIN resolved AS r ON r.ord = m.contact "
+    "ON CONFLICT (dialog_id, message_id) DO NOTHING "
+    "RETURNING dialog_id, message_id, from_me, sent_at), "
+    "added AS (SELECT dialog_id AS id, count(*) AS n, max(sent_at) AS last_at FROM stored "
+    "WHERE NOT from_me AND dialog_id IN (SELECT id FROM found) GROUP BY dialog_id), "
+    "locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
+    "WHERE id IN (SELECT id FROM added) ORDER BY id FOR NO KEY UPDATE), "
+    "counted AS (UPDATE dialog_analysis AS d SET "
+    "client_message_count = d.client_message_count + a.n, last_message_at = a.last_at, "
+    "updated_at = :now FROM added AS a WHERE d.id = a.id AND d.id IN (SELECT id FROM locked)) "
+    "SELECT r.ord, r.id, r.lead_id, r.ctwa_clid, s.message_id FROM resolved AS r "
+    "LEFT JOIN stored AS s ON s.dialog_id = r.id"
+)
+
+
 async def _insert_rows_sqlite(
     session: AsyncSession, name: str, rows: list[dict[str, Any]], constants: dict[str, Any]
 ) -> Any:
@@ -472,6 +529,82 @@ async def store_messages(
             ],
         )
     return StoredMessages(stored, await lead_ctwa_clids(session, clids_of))
+
+
+@dataclass(frozen=True, slots=True)
+class ContactMessage:
+    """A message of an IngestMessage batch, named by its contact (its dialog may not
+    exist yet)."""
+
+    contact: ContactKey
+    message_id: str
+    from_me: bool
+    text: str
+    message_type: str
+    sent_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IngestedBatch:
+    dialogs: dict[ContactKey, DialogKeys]  # the contacts resolved (the others: see below)
+    stored: set[tuple[int, str]]  # (dialog_id, message_id) stored now
+    ctwa_clids: dict[int, str]  # {lead_id: ctwa_clid} of the resolved leads that have one
+
+
+async def ingest_batch(
+    connection: AsyncConnection,
+    contacts: Sequence[NewContact],
+    messages: Sequence[ContactMessage],
+    *,
+    now: datetime,
+) -> IngestedBatch:
+    """PostgreSQL, on an autocommit connection: ensure_dialogs and store_messages in one
+    statement that commits on its own. A contact whose lead or dialog another
+    transaction created meanwhile is left out of `dialogs`, and its messages are not
+    stored: store them with ensure_dialogs and store_messages.
+
+    `messages` name their contact among `contacts` and carry no click id (the lead's
+    ctwa_clid and from_ad_without_click_id are set by the two-statement path)."""
+    unique = sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
+    ordinal = {c.key: i for i, c in enumerate(unique, start=1)}
+    result = await connection.execute(
+        _PG_INGEST_BATCH,
+        {
+            "contacts": json_rows(
+                {
+                    "direction_id": c.direction_id,
+                    "contact_key": c.contact_key,
+                    "contact_phone": c.contact_phone,
+                    "instance_name": c.instance_name,
+                    "dialog_phone": c.contact_phone or c.contact_key,
+                }
+                for c in unique
+            ),
+            "messages": json_rows(
+                {
+                    "contact": ordinal[m.contact],
+                    "message_id": m.message_id,
+                    "from_me": m.from_me,
+                    "text": m.text,
+                    "message_type": m.message_type,
+                    "sent_at": m.sent_at,
+                }
+                for m in messages
+            ),
+            "now": now,
+        },
+    )
+    dialogs: dict[ContactKey, DialogKeys] = {}
+    stored: set[tuple[int, str]] = set()
+    clids: dict[int, str] = {}
+    for ord_, dialog_id, lead_id, clid, message_id in result:
+        contact = unique[ord_ - 1]
+        dialogs[contact.key] = DialogKeys(dialog_id, lead_id, contact.direction_id)
+        if clid:
+            clids[lead_id] = clid
+        if message_id is not None:
+            stored.add((dialog_id, message_id))
+    return IngestedBatch(dialogs, stored, clids)
 
 
 _COUNT_CLIENT_MESSAGES = (
