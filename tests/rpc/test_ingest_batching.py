@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from capi.v1 import qualification_service_pb2 as pb
 from capi_server.adapters.db import dialogs_repo
@@ -47,15 +47,12 @@ async def test_concurrent_calls_share_transactions_and_each_gets_its_answer(
     # Contact 0's messages arrive twice (a redelivered webhook) in the same burst.
     requests += [r for r in requests if r["contact_phone"] == phone(0)]
     requests.append({"contact_phone": "12", "message_id": "bad-phone"})
-    requests.append({"contact_phone": phone(99), "message_id": "clid-1", "ctwa_clid": "CLID99"})
     before = stubs.app.whatsapp._ingest.batches
     results = await asyncio.gather(*(call(**r) for r in requests))
 
-    *good, bad_phone, with_clid = results
+    *good, bad_phone = results
     assert isinstance(bad_phone, grpc.aio.AioRpcError)
     assert bad_phone.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert isinstance(with_clid, pb.IngestMessageResponse)
-    assert with_clid.stored and with_clid.has_ctwa_clid
     stored: dict[tuple[str, str], int] = {}
     dialogs: dict[str, set[str]] = {}
     for request, result in zip(requests, good, strict=False):
@@ -87,10 +84,41 @@ async def test_concurrent_calls_share_transactions_and_each_gets_its_answer(
                 )
             )
         ).all()
-    # 20 dialogs of 3 messages (2 from the client) + the click-id dialog of 1.
-    assert sorted(counts) == [(1, 1)] + [(2, 3)] * 20
-    assert len(leads) == 21
-    assert dict(leads)["77015550099"] == "CLID99"
+    # 20 dialogs of 3 messages (2 from the client).
+    assert sorted(counts) == [(2, 3)] * 20
+    assert len(leads) == 20
+
+
+async def test_a_click_id_in_a_burst_reaches_its_lead(stubs: Stubs) -> None:
+    """A batch with a click id takes the transaction path (the lead's ctwa_clid is set)."""
+    setup = await whatsapp_direction(stubs)
+    requests = [
+        pb.IngestMessageRequest(
+            instance_name=setup.instance_name,
+            contact_phone=phone(n),
+            message_id=f"b{n}",
+            text="hi",
+            ctwa_clid="CLID99" if n == 99 else "",
+        )
+        for n in (97, 98, 99)
+    ]
+    results = await asyncio.gather(*(stubs.qualification.IngestMessage(r) for r in requests))
+    assert [(r.stored, r.has_ctwa_clid) for r in results] == [
+        (True, False),
+        (True, False),
+        (True, True),
+    ]
+    async with stubs.app.db.session() as session:
+        leads = dict(
+            (
+                await session.execute(
+                    select(LeadRow.contact_key, LeadRow.ctwa_clid).where(
+                        LeadRow.direction_id == int(setup.direction_id)
+                    )
+                )
+            ).all()
+        )
+    assert leads == {"77015550097": None, "77015550098": None, "77015550099": "CLID99"}
 
 
 async def test_a_message_the_database_rejects_fails_alone(
@@ -192,7 +220,7 @@ def _message(direction_id: int, contact: int, message_id: str, **kw: Any) -> Inc
 
 
 async def test_one_batch_counts_client_messages_of_new_and_existing_dialogs(
-    stubs: Stubs,
+    stubs: Stubs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """New dialogs get their counters when created (PostgreSQL: in the same statement as
     their messages); existing ones are counted up; from_me and repeats do not count."""
@@ -205,6 +233,7 @@ async def test_one_batch_counts_client_messages_of_new_and_existing_dialogs(
     first = await service.ingest(_message(direction_id, 1, "old-1", sent_at=t1))
     assert first.stored
     before = service._ingest.batches
+    transactions = _count_calls(monkeypatch, dialogs_repo, "store_messages")
     batch = [
         _message(direction_id, 1, "old-1", sent_at=t1),  # already stored
         _message(direction_id, 1, "old-2", sent_at=t3),
@@ -217,6 +246,8 @@ async def test_one_batch_counts_client_messages_of_new_and_existing_dialogs(
     ]
     results = await asyncio.gather(*(service.ingest(m) for m in batch))
     assert service._ingest.batches - before == 1
+    # PostgreSQL: the batch was one statement, not the transaction path.
+    assert transactions == ([] if stubs.app.db.dialect == "postgresql" else [1])
     assert [r.stored for r in results] == [False, True, True, True, True, False, True, True]
     assert results[0].skipped_reason == results[5].skipped_reason == "message already stored"
     assert results[0].dialog_id == first.dialog_id == results[1].dialog_id
@@ -229,10 +260,32 @@ async def test_one_batch_counts_client_messages_of_new_and_existing_dialogs(
     }
 
 
-async def test_a_lead_without_a_dialog_gets_one_with_its_message(stubs: Stubs) -> None:
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Counts the calls of module.name (one entry per call)."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"
+
+
+@pytest.mark.parametrize("deadlock_once", [False, True])
+async def test_a_lead_without_a_dialog_gets_one_with_its_message(
+    stubs: Stubs, monkeypatch: pytest.MonkeyPatch, deadlock_once: bool
+) -> None:
     """A lead that exists without a dialog (as when another transaction is creating the
     contact) is left out of the one-statement batch and stored by the transaction path:
-    the message is not lost and the dialog is made."""
+    the message is not lost and the dialog is made. When that transaction loses a lock
+    race it runs again by itself: the batch's messages committed before are still
+    answered as stored by this call."""
     setup = await whatsapp_direction(stubs)
     direction_id = int(setup.direction_id)
     async with stubs.app.db.session() as session:
@@ -247,11 +300,24 @@ async def test_a_lead_without_a_dialog_gets_one_with_its_message(stubs: Stubs) -
             )
         )
         await session.commit()
+    if deadlock_once:
+        real_ensure = dialogs_repo.ensure_dialogs
+        lost: list[int] = []
+
+        async def ensure_losing_once(*args: Any, **kw: Any) -> Any:
+            if not lost:
+                lost.append(1)
+                raise DBAPIError("INSERT", {}, _Deadlock("deadlock detected"))
+            return await real_ensure(*args, **kw)
+
+        monkeypatch.setattr(dialogs_repo, "ensure_dialogs", ensure_losing_once)
     service = stubs.app.whatsapp
+    before = service._ingest.batches
     results = await asyncio.gather(
         service.ingest(_message(direction_id, 7, "lone-1")),
         service.ingest(_message(direction_id, 8, "other-1")),
     )
+    assert service._ingest.batches - before == 1
     assert all(r.stored and r.dialog_id for r in results)
     counts = await _dialog_counts(stubs, direction_id)
     assert {k: (n, stored) for k, (n, _, stored) in counts.items()} == {

@@ -50,6 +50,8 @@ from capi_server.services.sender import DialogRef, SenderService, SendOptions, n
 log = logging.getLogger("capi_server.qualification")
 
 MAX_TEXT_BYTES = 64 * 1024
+# dialog_messages.message_id is varchar(128).
+MAX_MESSAGE_ID_CHARS = 128
 MAX_MESSAGES_FOR_LLM = 200
 MAX_DESCRIPTION_BYTES = 8 * 1024
 # Messages stored per transaction at most when many IngestMessage calls run at once.
@@ -203,7 +205,7 @@ class WhatsAppService:
     async def ingest(self, message: IncomingMessage) -> IngestResult:
         if not message.message_id.strip():
             raise InvalidArgument.field("message_id", "is required")
-        if len(message.message_id) > 128:
+        if len(message.message_id) > MAX_MESSAGE_ID_CHARS:
             raise InvalidArgument.field("message_id", "must be at most 128 characters")
         if len(message.text.encode()) > MAX_TEXT_BYTES:
             raise InvalidArgument.field("text", "must be at most 64 KiB")
@@ -247,7 +249,15 @@ class WhatsAppService:
         or an ad without one: those update the lead, on the transaction path. Contacts
         another transaction created meanwhile are stored by the transaction path, after
         this statement."""
-        if any(i.message.ctwa_clid or i.message.from_ad_without_click_id for i in queued):
+        if any(
+            i.message.ctwa_clid
+            or i.message.from_ad_without_click_id
+            # A longer id is refused by the varchar(128) column, or cut when the rest is
+            # spaces: two such ids, distinct in Python, would be one row, counted twice
+            # in a new dialog's counters. The transaction path counts what it stored.
+            or len(i.message.message_id) > MAX_MESSAGE_ID_CHARS
+            for i in queued
+        ):
             return None
         now = utcnow()
         results: list[IngestResult | Exception] = []
@@ -309,10 +319,35 @@ class WhatsAppService:
                 has_ctwa_clid=bool(written.ctwa_clids.get(keys.lead_id)),
             )
         if left:
-            for i, result in zip(
-                left, await self._store_in_transaction([queued[i] for i in left]), strict=True
-            ):
+            rest = await self._store_after_commit([queued[i] for i in left])
+            for i, result in zip(left, rest, strict=True):
                 results[i] = result
+        return results
+
+    async def _store_after_commit(
+        self, queued: list[_QueuedMessage]
+    ) -> list[IngestResult | Exception]:
+        """_store_in_transaction for what the one-statement batch left, once it has
+        committed: errors stay with these messages' callers (the batch must not run again,
+        or its committed messages would be answered "already stored"), as Batcher would
+        handle them: a lost lock race runs once more, then a rejected row fails alone."""
+        try:
+            return await self._store_in_transaction(queued)
+        except Exception as exc:
+            error = exc
+        if is_lock_conflict(error):
+            try:
+                return await self._store_in_transaction(queued)
+            except Exception as again:
+                error = again
+        if len(queued) == 1 or is_transient_db_error(error):
+            return [error] * len(queued)
+        results: list[IngestResult | Exception] = []
+        for item in queued:
+            try:
+                results.extend(await self._store_in_transaction([item]))
+            except Exception as single:
+                results.append(single)
         return results
 
     async def _contacts_of(

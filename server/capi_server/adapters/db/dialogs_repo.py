@@ -175,6 +175,8 @@ _PG_ENSURE_DIALOGS = text(
 # from the messages stored, locked in id order as store_messages does. Leads and dialogs
 # that another transaction inserted meanwhile conflict (DO NOTHING): those contacts are
 # not in the answer, and the caller stores their messages with the two-statement path.
+# The messages go in after every lead and dialog (the sort reads `resolved` whole first),
+# in (dialog, message) order, so that concurrent statements take their locks alike.
 _PG_INGEST_BATCH = text(
     "WITH contacts AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(:contacts AS json)) "
     "AS (direction_id bigint, contact_key text, contact_phone text, instance_name text, "
@@ -209,7 +211,7 @@ _PG_INGEST_BATCH = text(
     "stored AS (INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, "
     "message_type, sent_at, created_at) "
     "SELECT r.id, m.message_id, m.from_me, m.text, m.message_type, m.sent_at, :now "
-    "FROM msgs AS m JOIN resolved AS r ON r.ord = m.contact "
+    "FROM msgs AS m JOIN resolved AS r ON r.ord = m.contact ORDER BY r.id, m.message_id "
     "ON CONFLICT (dialog_id, message_id) DO NOTHING "
     "RETURNING dialog_id, message_id, from_me, sent_at), "
     "added AS (SELECT dialog_id AS id, count(*) AS n, max(sent_at) AS last_at FROM stored "
@@ -563,8 +565,9 @@ async def ingest_batch(
     transaction created meanwhile is left out of `dialogs`, and its messages are not
     stored: store them with ensure_dialogs and store_messages.
 
-    `messages` name their contact among `contacts` and carry no click id (the lead's
-    ctwa_clid and from_ad_without_click_id are set by the two-statement path)."""
+    `messages` name their contact among `contacts`, carry no click id (the lead's
+    ctwa_clid and from_ad_without_click_id are set by the two-statement path), and are
+    distinct per (contact, message_id): a new dialog's counters are counted from them."""
     unique = sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
     ordinal = {c.key: i for i, c in enumerate(unique, start=1)}
     result = await connection.execute(
