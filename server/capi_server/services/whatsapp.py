@@ -117,6 +117,23 @@ class AnalysisResult:
     skipped_reason: str = ""
 
 
+def _answer(
+    keys: dialogs_repo.DialogKeys, message_id: str, inserted: set[tuple[int, str]], clid: bool
+) -> IngestResult:
+    """A batch's answer for one message; `inserted` is what the batch stored, less the
+    messages answered already (a repeat in the same batch was not stored)."""
+    key = (keys.dialog_id, message_id)
+    is_new = key in inserted
+    inserted.discard(key)
+    return IngestResult(
+        dialog_id=keys.dialog_id,
+        lead_id=keys.lead_id,
+        stored=is_new,
+        skipped_reason="" if is_new else "message already stored",
+        has_ctwa_clid=clid,
+    )
+
+
 def _instance_of(item: _QueuedMessage) -> str | None:
     """The instance that names a queued message's direction (when no direction_id does)."""
     instance = item.message.instance_name or item.fallback_instance
@@ -308,15 +325,8 @@ class WhatsAppService:
             if keys is None:  # created by another transaction meanwhile
                 left.append(i)
                 continue
-            stored_key = (keys.dialog_id, message.message_id)
-            is_new = stored_key in inserted
-            inserted.discard(stored_key)  # its repeat in the same batch was not stored
-            results[i] = IngestResult(
-                dialog_id=keys.dialog_id,
-                lead_id=keys.lead_id,
-                stored=is_new,
-                skipped_reason="" if is_new else "message already stored",
-                has_ctwa_clid=bool(written.ctwa_clids.get(keys.lead_id)),
+            results[i] = _answer(
+                keys, message.message_id, inserted, bool(written.ctwa_clids.get(keys.lead_id))
             )
         if left:
             rest = await self._store_after_commit([queued[i] for i in left])
@@ -428,15 +438,11 @@ class WhatsAppService:
             if isinstance(result, Exception):
                 continue
             message, keys = next(outcomes)
-            key = (keys.dialog_id, message.message_id)
-            is_new = key in inserted
-            inserted.discard(key)  # its repeat in the same batch was not stored
-            results[i] = IngestResult(
-                dialog_id=keys.dialog_id,
-                lead_id=keys.lead_id,
-                stored=is_new,
-                skipped_reason="" if is_new else "message already stored",
-                has_ctwa_clid=bool(message.ctwa_clid or clids.get(keys.lead_id)),
+            results[i] = _answer(
+                keys,
+                message.message_id,
+                inserted,
+                bool(message.ctwa_clid or clids.get(keys.lead_id)),
             )
         return results
 
