@@ -107,6 +107,25 @@ _SQLITE_STATEMENTS: dict[str, Any] = {
     .returning(_MESSAGES.c.dialog_id, _MESSAGES.c.message_id),
 }
 
+# Fragments of the PostgreSQL batch statements below. The contacts of a batch as rows, in
+# the order given (`ord`), from one JSON parameter:
+_CONTACTS_JSON = (
+    "SELECT * FROM ROWS FROM (json_to_recordset(CAST(:{param} AS json)) "
+    "AS (direction_id bigint, contact_key text, contact_phone text, instance_name text, "
+    "dialog_phone text)) WITH ORDINALITY "
+    "AS t(direction_id, contact_key, contact_phone, instance_name, dialog_phone, ord)"
+)
+# The new client messages (CTE `added`: id, n, last_at) counted into their dialogs, locked
+# in id order (the order every batch locks dialogs in); every row the UPDATE changes passed
+# the IN test, so the `locked` CTE had locked it before.
+_COUNT_ADDED = (
+    "locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
+    "WHERE id IN (SELECT id FROM added) ORDER BY id FOR NO KEY UPDATE), "
+    "counted AS (UPDATE dialog_analysis AS d SET "
+    "client_message_count = d.client_message_count + a.n, last_message_at = a.last_at, "
+    "updated_at = :now FROM added AS a WHERE d.id = a.id AND d.id IN (SELECT id FROM locked)) "
+)
+
 # PostgreSQL: store_messages in one statement whatever the number of rows: the rows as one
 # JSON document (json_to_recordset; a multi-row VALUES list is new text for every batch
 # size); the dialogs of new client messages locked in id order (the order every batch locks
@@ -122,11 +141,7 @@ _PG_STORE_MESSAGES = text(
     "RETURNING dialog_id, message_id, from_me, sent_at), "
     "added AS (SELECT dialog_id AS id, count(*) AS n, max(sent_at) AS last_at FROM stored "
     "WHERE NOT from_me GROUP BY dialog_id), "
-    "locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
-    "WHERE id IN (SELECT id FROM added) ORDER BY id FOR NO KEY UPDATE), "
-    "counted AS (UPDATE dialog_analysis AS d SET "
-    "client_message_count = d.client_message_count + a.n, last_message_at = a.last_at, "
-    "updated_at = :now FROM added AS a WHERE d.id = a.id AND d.id IN (SELECT id FROM locked)) "
+    f"{_COUNT_ADDED}"
     "SELECT dialog_id, message_id, NULL::bigint, NULL::text FROM stored UNION ALL "
     "SELECT NULL, NULL, id, ctwa_clid FROM leads "
     "WHERE id = ANY(CAST(:leads AS bigint[])) AND ctwa_clid IS NOT NULL"
@@ -137,10 +152,7 @@ _PG_STORE_MESSAGES = text(
 # ON CONFLICT returns a row another transaction inserted since the statement began. Rows
 # go in in the order given (WITH ORDINALITY), so that concurrent batches lock them alike.
 _PG_ENSURE_DIALOGS = text(
-    "WITH input AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(:rows AS json)) "
-    "AS (direction_id bigint, contact_key text, contact_phone text, instance_name text, "
-    "dialog_phone text)) WITH ORDINALITY "
-    "AS t(direction_id, contact_key, contact_phone, instance_name, dialog_phone, ord)), "
+    f"WITH input AS ({_CONTACTS_JSON.format(param='rows')}), "
     "found AS (SELECT d.id, d.lead_id, l.direction_id, l.contact_key FROM input AS i "
     "JOIN leads AS l ON l.direction_id = i.direction_id AND l.contact_key = i.contact_key "
     "JOIN dialog_analysis AS d ON d.lead_id = l.id), "
@@ -178,10 +190,7 @@ _PG_ENSURE_DIALOGS = text(
 # The messages go in after every lead and dialog (the sort reads `resolved` whole first),
 # in (dialog, message) order, so that concurrent statements take their locks alike.
 _PG_INGEST_BATCH = text(
-    "WITH contacts AS (SELECT * FROM ROWS FROM (json_to_recordset(CAST(:contacts AS json)) "
-    "AS (direction_id bigint, contact_key text, contact_phone text, instance_name text, "
-    "dialog_phone text)) WITH ORDINALITY "
-    "AS t(direction_id, contact_key, contact_phone, instance_name, dialog_phone, ord)), "
+    f"WITH contacts AS ({_CONTACTS_JSON.format(param='contacts')}), "
     "msgs AS (SELECT * FROM json_to_recordset(CAST(:messages AS json)) AS m(contact bigint, "
     "message_id text, from_me boolean, text text, message_type text, sent_at timestamptz)), "
     "found AS (SELECT i.ord, d.id, d.lead_id, l.ctwa_clid FROM contacts AS i "
@@ -216,14 +225,29 @@ _PG_INGEST_BATCH = text(
     "RETURNING dialog_id, message_id, from_me, sent_at), "
     "added AS (SELECT dialog_id AS id, count(*) AS n, max(sent_at) AS last_at FROM stored "
     "WHERE NOT from_me AND dialog_id IN (SELECT id FROM found) GROUP BY dialog_id), "
-    "locked AS MATERIALIZED (SELECT id FROM dialog_analysis "
-    "WHERE id IN (SELECT id FROM added) ORDER BY id FOR NO KEY UPDATE), "
-    "counted AS (UPDATE dialog_analysis AS d SET "
-    "client_message_count = d.client_message_count + a.n, last_message_at = a.last_at, "
-    "updated_at = :now FROM added AS a WHERE d.id = a.id AND d.id IN (SELECT id FROM locked)) "
+    f"{_COUNT_ADDED}"
     "SELECT r.ord, r.id, r.lead_id, r.ctwa_clid, s.message_id FROM resolved AS r "
     "LEFT JOIN stored AS s ON s.dialog_id = r.id"
 )
+
+
+def _in_key_order(contacts: Sequence[NewContact]) -> list[NewContact]:
+    """One per key, sorted: concurrent transactions lock the rows they insert alike."""
+    return sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
+
+
+def _contacts_json(contacts: Sequence[NewContact]) -> str:
+    """The `_CONTACTS_JSON` parameter of `contacts`, in their order."""
+    return json_rows(
+        {
+            "direction_id": c.direction_id,
+            "contact_key": c.contact_key,
+            "contact_phone": c.contact_phone,
+            "instance_name": c.instance_name,
+            "dialog_phone": c.contact_phone or c.contact_key,
+        }
+        for c in contacts
+    )
 
 
 async def _insert_rows_sqlite(
@@ -283,23 +307,14 @@ async def ensure_dialogs(
     creates the missing rows and returns the ids of any created meanwhile.
     """
     now = now or utcnow()
-    # Sorted: concurrent transactions lock the rows they insert in the same order.
-    unique = sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
+    unique = _in_key_order(contacts)
     if not unique:
         return {}
     connection = await session.connection()
     if connection.dialect.name == "postgresql":
-        rows = [
-            {
-                "direction_id": c.direction_id,
-                "contact_key": c.contact_key,
-                "contact_phone": c.contact_phone,
-                "instance_name": c.instance_name,
-                "dialog_phone": c.contact_phone or c.contact_key,
-            }
-            for c in unique
-        ]
-        result = await connection.execute(_PG_ENSURE_DIALOGS, {"rows": json_rows(rows), "now": now})
+        result = await connection.execute(
+            _PG_ENSURE_DIALOGS, {"rows": _contacts_json(unique), "now": now}
+        )
         return {
             (direction_id, contact_key): DialogKeys(dialog_id, lead_id, direction_id)
             for dialog_id, lead_id, direction_id, contact_key in result
@@ -568,21 +583,12 @@ async def ingest_batch(
     `messages` name their contact among `contacts`, carry no click id (the lead's
     ctwa_clid and from_ad_without_click_id are set by the two-statement path), and are
     distinct per (contact, message_id): a new dialog's counters are counted from them."""
-    unique = sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
+    unique = _in_key_order(contacts)
     ordinal = {c.key: i for i, c in enumerate(unique, start=1)}
     result = await connection.execute(
         _PG_INGEST_BATCH,
         {
-            "contacts": json_rows(
-                {
-                    "direction_id": c.direction_id,
-                    "contact_key": c.contact_key,
-                    "contact_phone": c.contact_phone,
-                    "instance_name": c.instance_name,
-                    "dialog_phone": c.contact_phone or c.contact_key,
-                }
-                for c in unique
-            ),
+            "contacts": _contacts_json(unique),
             "messages": json_rows(
                 {
                     "contact": ordinal[m.contact],
