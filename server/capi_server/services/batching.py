@@ -152,39 +152,60 @@ class Batcher(Generic[ItemT, ResultT]):
         )
 
     async def _run(self, items: list[ItemT]) -> Sequence[ResultT | Exception]:
-        try:
-            return await self._run_batch(items)
-        except Exception as exc:
-            if self._run_again(exc):
-                # A lost lock race (deadlock): the transaction rolled back; once more.
-                log.warning(
-                    "a batch of %d lost a lock race; running it again",
-                    len(items),
-                    extra={"batch": self._name, "error": type(exc).__name__},
-                )
-                try:
-                    return await self._run_batch(items)
-                except Exception as again:
-                    exc = again
-            if len(items) == 1 or not self._retry_alone(exc):
-                raise exc from None
-            log.warning(
-                "a batch of %d failed; running its items one by one",
-                len(items),
-                extra={"batch": self._name, "error": type(exc).__name__},
-            )
-        results: list[ResultT | Exception] = []
-        for item in items:
-            try:
-                results.extend(await self._run_batch([item]))
-            except Exception as single:
-                results.append(single)
-        return results
+        return await run_isolating(
+            self._run_batch,
+            items,
+            retry_alone=self._retry_alone,
+            run_again=self._run_again,
+            name=self._name,
+        )
 
     async def aclose(self) -> None:
         """Waits for the batch in progress and the queued ones (called at shutdown)."""
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
+
+
+async def run_isolating(
+    run_batch: BatchRunner[ItemT, ResultT],
+    items: list[ItemT],
+    *,
+    retry_alone: Callable[[Exception], bool],
+    run_again: Callable[[Exception], bool],
+    name: str,
+) -> Sequence[ResultT | Exception]:
+    """`run_batch(items)`; if it raises, once more when `run_again(error)` (a lost lock
+    race), then item by item when `retry_alone(error)` (an item the database rejects), so
+    that only that item gets the error; otherwise every item gets it."""
+    try:
+        return await run_batch(items)
+    except Exception as exc:
+        error = exc
+    if run_again(error):
+        # A lost lock race (deadlock): the transaction rolled back; once more.
+        log.warning(
+            "a batch of %d lost a lock race; running it again",
+            len(items),
+            extra={"batch": name, "error": type(error).__name__},
+        )
+        try:
+            return await run_batch(items)
+        except Exception as again:
+            error = again
+    if len(items) == 1 or not retry_alone(error):
+        return [error] * len(items)
+    log.warning(
+        "a batch of %d failed; running its items one by one",
+        len(items),
+        extra={"batch": name, "error": type(error).__name__},
+    )
+    results: list[ResultT | Exception] = []
+    for item in items:
+        try:
+            results.extend(await run_batch([item]))
+        except Exception as single:
+            results.append(single)
+    return results
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

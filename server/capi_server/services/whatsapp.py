@@ -43,7 +43,7 @@ from capi_server.domain.whatsapp_webhooks import (
     SkippedWebhook,
     parse_whatsapp_webhook,
 )
-from capi_server.services.batching import Batcher
+from capi_server.services.batching import Batcher, run_isolating
 from capi_server.services.hot_cache import DirectionSnapshot
 from capi_server.services.sender import DialogRef, SenderService, SendOptions, normalize_contact
 
@@ -117,6 +117,23 @@ class AnalysisResult:
     skipped_reason: str = ""
 
 
+def _isolates_ingest_error(error: Exception) -> bool:
+    """Messages stored one by one isolate a failed batch's cause, unless the database is
+    unreachable (then every message fails alike)."""
+    return not is_transient_db_error(error)
+
+
+def _stored_form(message: InboundMessage, now: datetime) -> tuple[str, bool, str, str, datetime]:
+    """(message_id, from_me, text, message_type, sent_at) as dialog_messages stores them."""
+    return (
+        message.message_id,
+        message.from_me,
+        db_text(message.text),
+        message.message_type[:32],
+        datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now,
+    )
+
+
 def _answer(
     keys: dialogs_repo.DialogKeys, message_id: str, inserted: set[tuple[int, str]], clid: bool
 ) -> IngestResult:
@@ -172,7 +189,7 @@ class WhatsAppService:
         self._ingest: Batcher[_QueuedMessage, IngestResult] = Batcher(
             self._store,
             max_batch=MAX_INGEST_BATCH,
-            retry_alone=lambda error: not is_transient_db_error(error),
+            retry_alone=_isolates_ingest_error,
             run_again=is_lock_conflict,
             linger_seconds=batch_linger_seconds,
             name="store_messages",
@@ -298,14 +315,7 @@ class WhatsAppService:
             # The same message twice in one batch: the first one counts.
             messages.setdefault(
                 (key, message.message_id),
-                dialogs_repo.ContactMessage(
-                    key,
-                    message.message_id,
-                    message.from_me,
-                    db_text(message.text),
-                    message.message_type[:32],
-                    datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now,
-                ),
+                dialogs_repo.ContactMessage(key, *_stored_form(message, now)),
             )
             keyed.append((i, key, message))
             results.append(IngestResult())
@@ -339,26 +349,17 @@ class WhatsAppService:
     ) -> list[IngestResult | Exception]:
         """_store_in_transaction for what the one-statement batch left, once it has
         committed: errors stay with these messages' callers (the batch must not run again,
-        or its committed messages would be answered "already stored"), as Batcher would
-        handle them: a lost lock race runs once more, then a rejected row fails alone."""
-        try:
-            return await self._store_in_transaction(queued)
-        except Exception as exc:
-            error = exc
-        if is_lock_conflict(error):
-            try:
-                return await self._store_in_transaction(queued)
-            except Exception as again:
-                error = again
-        if len(queued) == 1 or is_transient_db_error(error):
-            return [error] * len(queued)
-        results: list[IngestResult | Exception] = []
-        for item in queued:
-            try:
-                results.extend(await self._store_in_transaction([item]))
-            except Exception as single:
-                results.append(single)
-        return results
+        or its committed messages would be answered "already stored"), handled as the
+        batch's own errors are."""
+        return list(
+            await run_isolating(
+                self._store_in_transaction,
+                queued,
+                retry_alone=_isolates_ingest_error,
+                run_again=is_lock_conflict,
+                name="store_messages",
+            )
+        )
 
     async def _contacts_of(
         self, queued: list[_QueuedMessage]
@@ -416,14 +417,7 @@ class WhatsAppService:
                 # The same message twice in one batch: the first one counts.
                 rows.setdefault(
                     (keys.dialog_id, message.message_id),
-                    dialogs_repo.NewMessage(
-                        keys.dialog_id,
-                        message.message_id,
-                        message.from_me,
-                        db_text(message.text),
-                        message.message_type[:32],
-                        datetime.fromtimestamp(message.sent_at, UTC) if message.sent_at else now,
-                    ),
+                    dialogs_repo.NewMessage(keys.dialog_id, *_stored_form(message, now)),
                 )
             written = await dialogs_repo.store_messages(
                 session,
