@@ -19,7 +19,6 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from capi_server.adapters.db import dialogs_repo, events_repo
-from capi_server.domain.levels import Level
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -234,28 +233,27 @@ def hot_queries(
             {"direction": direction_id, "contacts": [contact_key]},
         ),
         HotQuery(
-            "Dialogs with their leads (ORM rows)",
-            "dialogs_repo.load_dialogs_and_leads (SendConversion claim batch)",
-            "SELECT dialog_analysis.*, leads.* FROM dialog_analysis "
-            "JOIN leads ON leads.id = dialog_analysis.lead_id "
-            "WHERE dialog_analysis.id IN (%(i)s)",
-            {"i": dialog_id},
+            "Dialogs' send columns with their leads' identifiers (plain rows)",
+            "dialogs_repo.dialogs_with_leads (SendConversion claim batch)",
+            _psycopg_sql(dialogs_repo._PG_SENDS_AND_IDENTITIES),
+            {"ids": [dialog_id]},
         ),
         HotQuery(
-            "Lock the batch's dialogs and claim a level",
-            "events_repo.claim_levels(lock_first=...) (SendConversion claim batch)",
-            _psycopg_sql(events_repo._PG_LOCK_AND_CLAIM_LEVEL[Level.QUALIFIED]),
+            "Lock the batch's dialogs, claim their levels, write the log rows (one statement)",
+            "events_repo.claim_and_log (SendConversion claim batch)",
+            _psycopg_sql(events_repo._PG_CLAIM_AND_LOG),
             {
-                "lock_ids": [dialog_id],
                 "ids": [dialog_id],
-                "event_ids": ["bench-explain"],
+                "claims": json.dumps([{"id": dialog_id, "e2": "bench-explain"}]),
+                "rows": json.dumps([log_row]),
+                "conditional": [True],
                 "now": now,
             },
             mutates=True,
         ),
         HotQuery(
             "Insert log rows",
-            "events_repo.insert_log_rows (SendConversion claim batch)",
+            "events_repo.insert_log_rows (skipped rows of a batch without claims; CRM)",
             _psycopg_sql(events_repo._PG_INSERT_LOG_ROWS),
             {"rows": json.dumps([log_row])},
             mutates=True,

@@ -4,6 +4,7 @@ commit); each caller still gets its own answer and every event reaches Graph onc
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -99,13 +100,13 @@ async def test_an_event_the_database_rejects_fails_alone(
     stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup = await whatsapp_direction(stubs)
-    real_insert = events_repo.insert_log_rows
+    real_claim_and_log = events_repo.claim_and_log
     poisoned: set[int] = set()
 
-    async def insert_rejecting(session: Any, rows: Any) -> list[int]:
-        if any(values["dialog_id"] in poisoned for values in rows):
+    async def insert_rejecting(session: Any, claims: Any, rows: Any, now: Any) -> Any:
+        if any(values["dialog_id"] in poisoned for values, _ in rows):
             raise IntegrityError("INSERT", {}, Exception("rejected"))
-        return await real_insert(session, rows)
+        return await real_claim_and_log(session, claims, rows, now)
 
     # The dialog of phone(9) exists first, so its id is known.
     ninth = await stubs.sender.SendConversion(
@@ -114,7 +115,7 @@ async def test_an_event_the_database_rejects_fails_alone(
         )
     )
     poisoned.add(int(ninth.dialog_id))
-    monkeypatch.setattr(events_repo, "insert_log_rows", insert_rejecting)
+    monkeypatch.setattr(events_repo, "claim_and_log", insert_rejecting)
     service = stubs.app.sender
     from capi_server.domain.levels import Level
     from capi_server.services.sender import DialogRef, SendOptions
@@ -211,14 +212,14 @@ async def test_a_caller_that_gives_up_still_gets_its_claimed_event_sent(
     stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup = await whatsapp_direction(stubs)
-    real_claim = events_repo.claim_levels
+    real_claim = events_repo.claim_and_log
 
-    async def slow_claim(*args: Any, **kwargs: Any) -> set[int]:
+    async def slow_claim(*args: Any, **kwargs: Any) -> Any:
         claimed = await real_claim(*args, **kwargs)
         await asyncio.sleep(0.3)  # the caller's deadline passes while its batch runs
         return claimed
 
-    monkeypatch.setattr(events_repo, "claim_levels", slow_claim)
+    monkeypatch.setattr(events_repo, "claim_and_log", slow_claim)
     from capi_server.domain.levels import Level
     from capi_server.services.sender import DialogRef, SendOptions
 
@@ -241,22 +242,23 @@ async def test_a_caller_that_gives_up_still_gets_its_claimed_event_sent(
 
 @pytest.mark.parametrize("claimed_before", [False, True])
 @pytest.mark.parametrize("nested_loop", [False, True])
-async def test_the_first_claim_locks_every_dialog_of_its_batch(
+async def test_the_claim_statement_locks_its_dialogs_and_logs_only_claims_won(
     postgres_url: str, claimed_before: bool, nested_loop: bool
 ) -> None:
-    """The batch's row locks come in id order before any claim (no deadlock with batches
-    and ingest transactions that lock dialogs in id order), also for dialogs above the
-    highest one claimed and when nothing is left to claim, whatever join the planner
-    picks (a nested loop reads a CTE only as far as it needs)."""
+    """The batch's claims and log rows in one statement: its dialogs' row locks come in id
+    order before any claim (no deadlock with batches and ingest transactions that lock
+    dialogs in id order), whatever join the planner picks (a nested loop reads a CTE only
+    as far as it needs); a level claimed before is lost and its pending row not written;
+    rows without a claim are written in any case, ids ascending in the order given."""
     # PostgreSQL only: SQLite locks the whole database.
     stubs = await start_stubs(make_settings(postgres_url))
     try:
-        await _check_first_claim_locks(stubs, claimed_before, nested_loop)
+        await _check_claim_statement(stubs, claimed_before, nested_loop)
     finally:
         await stop_stubs(stubs)
 
 
-async def _check_first_claim_locks(stubs: Stubs, claimed_before: bool, nested_loop: bool) -> None:
+async def _check_claim_statement(stubs: Stubs, claimed_before: bool, nested_loop: bool) -> None:
     setup = await whatsapp_direction(stubs)
     db = stubs.app.db
     contacts = [
@@ -268,24 +270,44 @@ async def _check_first_claim_locks(stubs: Stubs, claimed_before: bool, nested_lo
     async with db.session() as session:
         found = await dialogs_repo.ensure_dialogs(session, contacts)
         await session.commit()
-    ids = sorted(keys.dialog_id for keys in found.values())
+    keys = sorted(found.values(), key=lambda k: k.dialog_id)
+    ids = [k.dialog_id for k in keys]
+    first = (ids[0], Level.INTEREST)
     if claimed_before:
         async with db.session() as session:
-            await events_repo.claim_levels(
-                session, Level.INTEREST, {ids[0]: "evt-before"}, utcnow()
-            )
+            await events_repo.claim_and_log(session, {first: "evt-before"}, [], utcnow())
             await session.commit()
+
+    def row(n: int, level: Level) -> dict[str, Any]:
+        return {
+            "direction_id": int(setup.direction_id),
+            "dialog_id": keys[n].dialog_id,
+            "lead_id": keys[n].lead_id,
+            "level": int(level),
+            "event_name": "Lead",
+            "status": "pending",
+            "event_time": utcnow(),
+        }
+
+    claims = {first: "evt-0", (ids[3], Level.QUALIFIED): "evt-3", (ids[1], Level.INTEREST): "evt-1"}
+    rows = [
+        (row(0, Level.INTEREST), first),
+        (row(2, Level.INTEREST), None),
+        (row(3, Level.QUALIFIED), (ids[3], Level.QUALIFIED)),
+        (row(1, Level.INTEREST), (ids[1], Level.INTEREST)),
+    ]
     async with db.session() as session:
         if nested_loop:
             # A nested-loop semi join that reads the CTE only up to the first match.
             for setting in ("hashjoin", "mergejoin", "hashagg", "sort"):
                 await session.execute(text(f"SET LOCAL enable_{setting} = off"))
-        claimed = await events_repo.claim_levels(
-            session, Level.INTEREST, {ids[0]: "evt-now"}, utcnow(), lock_first=ids
-        )
-        assert claimed == (set() if claimed_before else {ids[0]})
+        won, log_ids = await events_repo.claim_and_log(session, claims, rows, utcnow())
+        assert won == set(claims) - ({first} if claimed_before else set())
+        assert [log_id is not None for log_id in log_ids] == [not claimed_before, True, True, True]
+        written = [log_id for log_id in log_ids if log_id is not None]
+        assert written == sorted(written)
         async with db.autocommit() as other:
-            for dialog_id in ids:
+            for dialog_id in (ids[0], ids[1], ids[3]):
                 with pytest.raises(DBAPIError) as refused:
                     await other.execute(
                         text(
@@ -294,4 +316,75 @@ async def _check_first_claim_locks(stubs: Stubs, claimed_before: bool, nested_lo
                         {"id": dialog_id},
                     )
                 assert getattr(refused.value.orig, "sqlstate", "") == "55P03"  # lock_not_available
-        await session.rollback()
+        await session.commit()
+    async with db.session() as session:
+        stored = (
+            await session.execute(
+                text(
+                    "SELECT id, capi_interest_event_id, capi_qualified_event_id "
+                    "FROM dialog_analysis WHERE id = ANY(:ids) ORDER BY id"
+                ),
+                {"ids": ids},
+            )
+        ).all()
+        logged = (
+            await session.execute(
+                select(CapiEventLogRow.id, CapiEventLogRow.dialog_id)
+                .where(CapiEventLogRow.dialog_id.in_(ids))
+                .order_by(CapiEventLogRow.id)
+            )
+        ).all()
+    assert [tuple(r[1:]) for r in stored] == [
+        ("evt-before" if claimed_before else "evt-0", None),
+        ("evt-1", None),
+        (None, None),
+        (None, "evt-3"),
+    ]
+    assert [(log_id, dialog_id) for log_id, dialog_id in logged] == [
+        (log_id, values["dialog_id"])
+        for (values, _), log_id in zip(rows, log_ids, strict=True)
+        if log_id is not None
+    ]
+
+
+async def test_a_callers_email_is_hashed_into_its_event_and_stored_with_the_claim(
+    stubs: Stubs, graph: FakeGraph
+) -> None:
+    setup = await whatsapp_direction(stubs)
+    email_hash = hashlib.sha256(b"maria.souza@example.com").hexdigest()
+
+    async def send(n: int, level: Any, email: str = "") -> pb.SendConversionResponse:
+        return await stubs.sender.SendConversion(
+            pb.SendConversionRequest(
+                instance_name=setup.instance_name,
+                contact_phone=phone(n),
+                level=level,
+                email=email,
+            )
+        )
+
+    # One batch: the email of one caller, another contact without one.
+    with_email, without = await asyncio.gather(
+        send(70, res.LEVEL_INTEREST, " Maria.Souza@Example.com "),
+        send(71, res.LEVEL_INTEREST),
+    )
+    by_contact = {tuple(e["user_data"].get("ph", [])): e for e in graph.events()}
+    assert len(by_contact) == 2
+    emails = sorted(tuple(e["user_data"].get("em", [])) for e in by_contact.values())
+    assert emails == [(), (email_hash,)]
+    async with stubs.app.db.session() as session:
+        stored = dict(
+            (
+                await session.execute(
+                    select(LeadRow.contact_key, LeadRow.email).where(
+                        LeadRow.contact_key.in_([phone(70)[1:], phone(71)[1:]])
+                    )
+                )
+            ).all()
+        )
+    assert stored == {phone(70)[1:]: "maria.souza@example.com", phone(71)[1:]: None}
+    # A later level without an email still carries the stored one.
+    await send(70, res.LEVEL_QUALIFIED)
+    qualified = [e for e in graph.events() if e["event_name"] != "Lead"]
+    assert [e["user_data"].get("em") for e in qualified] == [[email_hash]]
+    assert with_email.dialog_id != without.dialog_id

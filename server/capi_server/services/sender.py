@@ -18,7 +18,7 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -34,9 +34,7 @@ from capi_server.adapters.db.database import (
 from capi_server.adapters.db.dialogs_repo import DialogKeys
 from capi_server.adapters.db.orm import (
     CapiEventLogRow,
-    DialogAnalysisRow,
     DirectionRow,
-    LeadRow,
     utcnow,
 )
 from capi_server.adapters.db.secrets import TokenCipher
@@ -106,8 +104,8 @@ class SendOptions:
 class DialogContext:
     direction_id: int
     direction: Direction
-    dialog: DialogAnalysisRow
-    lead: LeadRow
+    dialog: dialogs_repo.DialogSends
+    lead: dialogs_repo.LeadIdentity
     access_token: str | None
     token_source: str
     token_error: DomainError | None = None
@@ -148,7 +146,7 @@ class PlannedSend:
 class _PendingClaim:
     """A level to claim in the batch's UPDATE, with the pending log row it gets."""
 
-    dialog: DialogAnalysisRow
+    dialog: dialogs_repo.DialogSends
     level: Level
     name: str
     event_id: str
@@ -365,31 +363,32 @@ class SenderService:
 
     async def load_context(self, session: Any, ref: DialogRef, *, create: bool) -> DialogContext:
         if ref.dialog_id is not None:
-            dialog = await session.get(DialogAnalysisRow, ref.dialog_id)
-            if dialog is None:
-                raise NotFound(
-                    f"dialog {ref.dialog_id} not found",
-                    reason="DIALOG_NOT_FOUND",
-                    metadata={"dialog_id": str(ref.dialog_id)},
-                )
-            snapshot = await self.cache.direction(session, direction_id=dialog.direction_id)
+            dialog_id = ref.dialog_id
         else:
-            snapshot, keys = await self.resolve_dialog(session, ref, create=create)
+            _, keys = await self.resolve_dialog(session, ref, create=create)
             if keys is None:
                 raise NotFound(
                     "no dialog for this instance and phone",
                     reason="DIALOG_NOT_FOUND",
                     metadata={"instance_name": ref.instance_name or ""},
                 )
-            dialog = await session.get(DialogAnalysisRow, keys.dialog_id)
-            assert dialog is not None
-        lead = await session.get(LeadRow, dialog.lead_id)
-        assert lead is not None
+            dialog_id = keys.dialog_id
+        found = await dialogs_repo.dialogs_with_leads(session, [dialog_id])
+        if dialog_id not in found:
+            raise NotFound(
+                f"dialog {dialog_id} not found",
+                reason="DIALOG_NOT_FOUND",
+                metadata={"dialog_id": str(dialog_id)},
+            )
+        dialog, lead = found[dialog_id]
+        snapshot = await self.cache.direction(session, direction_id=dialog.direction_id)
         return self._context(snapshot, dialog, lead)
 
     @staticmethod
     def _context(
-        snapshot: DirectionSnapshot, dialog: DialogAnalysisRow, lead: LeadRow
+        snapshot: DirectionSnapshot,
+        dialog: dialogs_repo.DialogSends,
+        lead: dialogs_repo.LeadIdentity,
     ) -> DialogContext:
         return DialogContext(
             direction_id=snapshot.direction_id,
@@ -404,11 +403,11 @@ class SenderService:
     async def _loaded_context(
         self,
         session: Any,
-        loaded: dict[int, tuple[DialogAnalysisRow, LeadRow]],
+        loaded: dict[int, tuple[dialogs_repo.DialogSends, dialogs_repo.LeadIdentity]],
         dialog_id: int,
     ) -> DialogContext:
-        """The context of a dialog `load_dialogs_and_leads` read (a plain lookup: a
-        `session.get` per row costs more than the batch's query), else read now."""
+        """The context of a dialog `dialogs_with_leads` read for the batch, else read now
+        (NOT_FOUND when it does not exist)."""
         pair = loaded.get(dialog_id)
         if pair is None:
             return await self.load_context(session, DialogRef(dialog_id), create=True)
@@ -539,8 +538,8 @@ class SenderService:
                         results[i] = PlannedSend(done)
                         continue
                 to_plan.append((dialog_id, i, event_time, email))
-            # Held in a local: the session's identity map only keeps rows referenced.
-            loaded = await dialogs_repo.load_dialogs_and_leads(session, {p[0] for p in to_plan})
+            loaded = await dialogs_repo.dialogs_with_leads(session, {p[0] for p in to_plan})
+            emails: dict[int, str] = {}
             claims: dict[tuple[int, Level], _PendingClaim] = {}
             planned: list[tuple[int, DialogContext, SendItem, list[_LevelStep]]] = []
             for dialog_id, i, event_time, email in sorted(to_plan, key=lambda p: p[:2]):
@@ -549,20 +548,31 @@ class SenderService:
                     ctx = await self._loaded_context(session, loaded, dialog_id)
                     if ctx.token_error is not None and ctx.direction.capi.enabled:
                         raise ctx.token_error
-                    if email and ctx.lead.email != email:
-                        ctx.lead.email = email
+                except DomainError as exc:
+                    results[i] = exc
+                    continue
+                # The caller's email goes into this item's payload, and is stored with its
+                # claims (`_apply`); an item refused leaves the lead as it was.
+                previous_email = ctx.lead.email
+                ctx.lead.email = email or previous_email
+                try:
                     steps = await self._plan(
                         session, ctx, item.level, event_time, item.options, now, claims
                     )
                 except DomainError as exc:
+                    ctx.lead.email = previous_email
                     results[i] = exc
                     continue
+                if email and email != previous_email:
+                    emails[ctx.lead.id] = email
                 for step in steps:
                     if step.owner and step.claim is not None:
                         claims[(dialog_id, step.claim.level)] = step.claim
                 planned.append((i, ctx, item, steps))
             reports = (
-                await self._apply(session, [p[3] for p in planned], claims, now) if planned else []
+                await self._apply(session, [p[3] for p in planned], claims, emails, now)
+                if planned
+                else []
             )
             for (i, ctx, item, _), (report, claimed) in zip(planned, reports, strict=True):
                 report.dialog_id = ctx.dialog.id
@@ -573,7 +583,6 @@ class SenderService:
                     key = (ctx.direction.pixel_id, ctx.access_token, test_code)
                 results[i] = PlannedSend(report, key, claimed)
             await session.commit()
-            del loaded
         # Handed over here, in the batch, not by the callers: a caller that gives up
         # (deadline) must not leave its committed claim waiting for the retry worker.
         for result in results:
@@ -841,49 +850,46 @@ class SenderService:
         session: Any,
         plans: Sequence[list[_LevelStep]],
         claims: dict[tuple[int, Level], _PendingClaim],
+        emails: dict[int, str],
         now: datetime,
     ) -> list[tuple[SendReport, list[ClaimedEvent]]]:
-        """Makes the batch's claims (one UPDATE per level) and writes its log rows (one
-        INSERT per kind of row), then turns each item's steps into its report."""
+        """Makes the batch's claims and writes its log rows (one statement on PostgreSQL),
+        then turns each item's steps into its report."""
         # Leads first (a new email), then dialogs, as ensure_dialogs and the CRM's linking
         # of a contact do: claiming first deadlocked with concurrent CRM webhooks.
-        await session.flush()
-        by_level: dict[Level, dict[int, str]] = defaultdict(dict)
-        for (dialog_id, lvl), claim in claims.items():
-            by_level[lvl][dialog_id] = claim.event_id
-        # All of the batch's dialogs first, in id order (with the first claim): the claims
-        # take them level by level, which alone could lock two dialogs in the opposite order
-        # of another batch.
-        lock_first: Collection[int] = {dialog_id for dialog_id, _ in claims}
-        for lvl in sorted(by_level):
-            won = await events_repo.claim_levels(
-                session, lvl, by_level[lvl], now, lock_first=lock_first
-            )
-            lock_first = ()
-            for dialog_id in by_level[lvl]:
-                claims[(dialog_id, lvl)].won = dialog_id in won
-        for claim in claims.values():
-            if not claim.won:
-                # Another call claimed it between our read and our update.
-                await session.refresh(claim.dialog)
-                claim.lost = await self.existing_outcome(
-                    session, claim.dialog, claim.level, claim.name
-                )
-        writes: list[_LevelStep] = [
-            step
-            for steps in plans
-            for step in steps
-            if step.row is not None or (step.owner and step.claim is not None and step.claim.won)
-        ]
-        log_ids = await events_repo.insert_log_rows(session, [step.log_row() for step in writes])
-        for step, log_id in zip(writes, log_ids, strict=True):
+        if emails:
+            await dialogs_repo.set_lead_emails(session, emails, now)
+        # A claim's pending row is written only if the claim is won, with the claim.
+        writes: list[tuple[_LevelStep, events_repo.ClaimKey | None]] = []
+        for steps in plans:
+            for step in steps:
+                if step.row is not None:
+                    writes.append((step, None))
+                elif step.owner and step.claim is not None:
+                    writes.append((step, (step.claim.dialog.id, step.claim.level)))
+        won, log_ids = await events_repo.claim_and_log(
+            session,
+            {key: claim.event_id for key, claim in claims.items()},
+            [(step.log_row(), key) for step, key in writes],
+            now,
+        )
+        for (step, _), log_id in zip(writes, log_ids, strict=True):
             step.log_id = log_id
             if step.owner and step.claim is not None:
                 step.claim.log_id = log_id
+        for key, claim in claims.items():
+            claim.won = key in won
+            if not claim.won:
+                # Another call claimed it between our read and our update.
+                fresh = await dialogs_repo.dialogs_with_leads(session, [claim.dialog.id])
+                claim.dialog = fresh[claim.dialog.id][0]
+                claim.lost = await self.existing_outcome(
+                    session, claim.dialog, claim.level, claim.name
+                )
         return [_report(steps) for steps in plans]
 
     async def existing_outcome(
-        self, session: Any, dialog: DialogAnalysisRow, level: Level, name: str
+        self, session: Any, dialog: dialogs_repo.DialogSends, level: Level, name: str
     ) -> EventOutcome:
         event_id = getattr(dialog, f"capi_{level.column}_event_id") or ""
         sent_at = getattr(dialog, f"capi_{level.column}_sent_at")

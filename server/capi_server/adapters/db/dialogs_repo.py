@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import BigInteger, Table, any_, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -384,23 +385,79 @@ async def ensure_dialog(
     return (await ensure_dialogs(session, [contact], now=now))[contact.key]
 
 
-_DIALOGS_AND_LEADS = (
-    select(DialogAnalysisRow, LeadRow)
-    .join(LeadRow, LeadRow.id == DialogAnalysisRow.lead_id)
-    .where(DialogAnalysisRow.id.in_(bindparam("ids", expanding=True)))
+@dataclass(slots=True)
+class DialogSends:
+    """A dialog's send columns as plain values: what SendConversion plans from."""
+
+    id: int
+    lead_id: int
+    direction_id: int
+    capi_interest_event_id: str | None
+    capi_qualified_event_id: str | None
+    capi_scheduled_event_id: str | None
+    capi_interest_sent: bool
+    capi_qualified_sent: bool
+    capi_scheduled_sent: bool
+    capi_interest_sent_at: datetime | None
+    capi_qualified_sent_at: datetime | None
+    capi_scheduled_sent_at: datetime | None
+
+
+@dataclass(slots=True)
+class LeadIdentity:
+    """What identifies a lead to Meta (hashed into an event's user_data)."""
+
+    id: int
+    contact_phone: str | None
+    email: str | None
+    ctwa_clid: str | None
+
+
+_SENDS_AND_IDENTITIES = select(
+    *(_DIALOGS.c[name] for name in DialogSends.__dataclass_fields__),
+    *(_LEADS.c[name] for name in LeadIdentity.__dataclass_fields__),
+).join(_LEADS, _LEADS.c.id == _DIALOGS.c.lead_id)
+# PostgreSQL: one array parameter, so one statement text for any number of ids (an IN
+# list is new text for every batch size); SQLite: an expanding IN.
+_PG_SENDS_AND_IDENTITIES = _SENDS_AND_IDENTITIES.where(
+    _DIALOGS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))
 )
+_SQLITE_SENDS_AND_IDENTITIES = _SENDS_AND_IDENTITIES.where(
+    _DIALOGS.c.id.in_(bindparam("ids", expanding=True))
+)
+_SENDS_WIDTH = len(DialogSends.__dataclass_fields__)
 
 
-async def load_dialogs_and_leads(
+async def dialogs_with_leads(
     session: AsyncSession, dialog_ids: Collection[int]
-) -> dict[int, tuple[DialogAnalysisRow, LeadRow]]:
-    """The dialogs and their leads, by dialog id, loaded into the session in one
-    statement. Keep the returned dict referenced while they are needed: the identity map
-    holds rows weakly."""
+) -> dict[int, tuple[DialogSends, LeadIdentity]]:
+    """The dialogs that exist, with their leads, by dialog id, in one query (plain values,
+    no ORM objects: building those cost more than the query)."""
     if not dialog_ids:
         return {}
-    rows = await session.execute(_DIALOGS_AND_LEADS, {"ids": sorted(dialog_ids)})
-    return {dialog.id: (dialog, lead) for dialog, lead in rows}
+    connection = await session.connection()
+    statement = (
+        _PG_SENDS_AND_IDENTITIES
+        if connection.dialect.name == "postgresql"
+        else _SQLITE_SENDS_AND_IDENTITIES
+    )
+    rows = await connection.execute(statement, {"ids": sorted(dialog_ids)})
+    return {
+        row[0]: (DialogSends(*row[:_SENDS_WIDTH]), LeadIdentity(*row[_SENDS_WIDTH:]))
+        for row in rows
+    }
+
+
+async def set_lead_emails(session: AsyncSession, emails: dict[int, str], now: datetime) -> None:
+    """Stores the emails ({lead_id: email}) callers gave, leads in id order (the order
+    every transaction locks leads in)."""
+    connection = await session.connection()
+    for lead_id in sorted(emails):
+        await connection.execute(
+            update(_LEADS)
+            .where(_LEADS.c.id == lead_id)
+            .values(email=emails[lead_id], updated_at=now)
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,12 +30,12 @@ def _is_postgresql(session: AsyncSession) -> bool:
     return session.bind is not None and session.bind.dialect.name == "postgresql"
 
 
-def _lock_in_id_order(ids_param: str) -> str:
-    """The SELECT that row-locks the dialogs of array parameter `ids_param` in id order,
-    the order every batch locks dialogs in."""
+def _lock_in_id_order(ids_param: str, columns: str = "id") -> str:
+    """The SELECT (of `columns`) that row-locks the dialogs of array parameter `ids_param`
+    in id order, the order every batch locks dialogs in."""
     return (
-        f"SELECT id FROM dialog_analysis WHERE id = ANY(CAST(:{ids_param} AS bigint[])) "
-        "ORDER BY id FOR NO KEY UPDATE"
+        f"SELECT {columns} FROM dialog_analysis "
+        f"WHERE id = ANY(CAST(:{ids_param} AS bigint[])) ORDER BY id FOR NO KEY UPDATE"
     )
 
 
@@ -50,70 +50,16 @@ def _locked_cte(ids_param: str) -> str:
 _LOCK_ALL_FIRST = "(SELECT count(*) FROM locked) >= 0"
 
 
-def _claim_level(level: Level, *, lock_first: bool) -> str:
-    """Sets capi_<level>_event_id where NULL for (:ids, :event_ids); with `lock_first`,
-    after locking the dialogs of :lock_ids (lock_dialogs in the same statement)."""
-    column = f"capi_{level.column}_event_id"
-    return (
-        (f"WITH {_locked_cte('lock_ids')} " if lock_first else "")
-        + f"UPDATE dialog_analysis AS d SET {column} = c.event_id, updated_at = :now "
-        "FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS text[])) AS c(id, event_id) "
-        f"WHERE d.id = c.id AND d.{column} IS NULL "
-        + (f"AND {_LOCK_ALL_FIRST} " if lock_first else "")
-        + "RETURNING d.id"
-    )
-
-
-# PostgreSQL: constant statement texts with array parameters, so that neither SQLAlchemy
-# builds nor psycopg parses a statement per batch (an IN list or a CASE of one branch per
-# dialog is new text for every batch size, and is not cached past 50 parameters).
-_PG_LOCK_DIALOGS = text(_lock_in_id_order("ids"))
-_PG_CLAIM_LEVEL = {level: text(_claim_level(level, lock_first=False)) for level in Level}
-_PG_LOCK_AND_CLAIM_LEVEL = {level: text(_claim_level(level, lock_first=True)) for level in Level}
-
-
-async def lock_dialogs(session: AsyncSession, dialog_ids: Collection[int]) -> None:
-    """Locks the dialogs' rows in id order (PostgreSQL; SQLite locks the whole database),
-    so that a transaction claiming several levels of several dialogs takes its row locks
-    in the same order as every other batch."""
-    if dialog_ids and _is_postgresql(session):
-        await (await session.connection()).execute(_PG_LOCK_DIALOGS, {"ids": sorted(dialog_ids)})
-
-
-async def claim_levels(
-    session: AsyncSession,
-    level: Level,
-    event_ids: dict[int, str],
-    now: datetime,
-    *,
-    lock_first: Collection[int] = (),
+async def _claim_level_sqlite(
+    connection: AsyncConnection, level: Level, event_ids: dict[int, str], now: datetime
 ) -> set[int]:
-    """Sets capi_<level>_event_id where it is still NULL, for many dialogs
-    ({dialog_id: event_id}) in one UPDATE: the database decides each race. Returns the
-    dialog ids claimed by this call (the others were claimed before). `lock_first`: the
-    dialogs to lock_dialogs before, in the same statement on PostgreSQL."""
-    if not event_ids:
-        await lock_dialogs(session, lock_first)
-        return set()
-    connection = await session.connection()
-    ids = sorted(event_ids)
-    if _is_postgresql(session):
-        params: dict[str, Any] = {
-            "ids": ids,
-            "event_ids": [event_ids[i] for i in ids],
-            "now": now,
-        }
-        statement = _PG_CLAIM_LEVEL[level]
-        if lock_first:
-            statement = _PG_LOCK_AND_CLAIM_LEVEL[level]
-            params["lock_ids"] = sorted(lock_first)
-        result = await connection.execute(statement, params)
-        return {row[0] for row in result}
+    """Sets capi_<level>_event_id where it is still NULL ({dialog_id: event_id}) in one
+    UPDATE; the dialog ids claimed (SQLite, where a write locks the whole database)."""
     table: Table = DialogAnalysisRow.__table__  # type: ignore[assignment]
     column = table.c[f"capi_{level.column}_event_id"]
     result = await connection.execute(
         update(table)
-        .where(table.c.id.in_(ids), column.is_(None))
+        .where(table.c.id.in_(sorted(event_ids)), column.is_(None))
         .values({column: case(event_ids, value=table.c.id), table.c.updated_at: now})
         .returning(table.c.id)
     )
@@ -128,12 +74,24 @@ _LOG_COLUMNS = frozenset(column.name for column in _LOG.columns if column.name !
 # long multi-row VALUES list nor dumps an array per column on every call, and the JSON is
 # encoded in C. A value too long for its column is refused as by a plain INSERT. Rows are
 # inserted in order, so the ids the sequence gives them ascend in that order.
-_PG_INSERT_LOG_ROWS = text(
+_INSERT_LOG_ROWS_FROM_JSON = (
     f"INSERT INTO {_LOG.name} ({', '.join(sorted(_LOG_COLUMNS))}) "
     f"SELECT {', '.join(f'u.{name}' for name in sorted(_LOG_COLUMNS))} "
     f"FROM json_populate_recordset(NULL::{_LOG.name}, CAST(:rows AS json)) "
-    "WITH ORDINALITY AS u ORDER BY u.ordinality RETURNING id"
+    "WITH ORDINALITY AS u "
 )
+_PG_INSERT_LOG_ROWS = text(f"{_INSERT_LOG_ROWS_FROM_JSON}ORDER BY u.ordinality RETURNING id")
+
+
+def _full_log_row(values: dict[str, Any]) -> dict[str, Any]:
+    """A log row with every column the INSERT names: attempts 0, created and updated at
+    its `now`."""
+    row = dict(values)
+    now = row.pop("now", None) or utcnow()
+    unknown = set(row) - _LOG_COLUMNS
+    if unknown:
+        raise ValueError(f"unknown capi_events_log columns: {sorted(unknown)}")
+    return {"created_at": now, "updated_at": now, "attempts": 0, **row}
 
 
 async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
@@ -141,14 +99,7 @@ async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]])
     order. Columns a row leaves out are NULL (attempts 0, created/updated at its `now`)."""
     if not rows:
         return []
-    full: list[dict[str, Any]] = []
-    for values in rows:
-        row = dict(values)
-        now = row.pop("now", None) or utcnow()
-        unknown = set(row) - _LOG_COLUMNS
-        if unknown:
-            raise ValueError(f"unknown capi_events_log columns: {sorted(unknown)}")
-        full.append({"created_at": now, "updated_at": now, "attempts": 0, **row})
+    full = [_full_log_row(values) for values in rows]
     connection = await session.connection()
     if _is_postgresql(session):
         result = await connection.execute(_PG_INSERT_LOG_ROWS, {"rows": json_rows(full)})
@@ -166,6 +117,111 @@ async def insert_log_rows(session: AsyncSession, rows: Sequence[dict[str, Any]])
         for i, returned in zip(indexes, result, strict=True):
             ids[i] = int(returned[0])
     return ids
+
+
+ClaimKey = tuple[int, Level]
+"""(dialog_id, level): one level of one dialog, claimed by setting its event id."""
+
+
+# PostgreSQL: the claims of a batch and its log rows in one statement, which is atomic on
+# its own: a claim is never committed without the pending row that sends its event. The
+# dialogs are locked in id order first (as every batch locks them); a lock taken by
+# SELECT ... FOR NO KEY UPDATE reads the row's latest committed version, so `locked`
+# holds the event ids as they are now, and a level whose event id is still NULL is this
+# statement's. One UPDATE sets every level of a dialog (a statement may change a row only
+# once). A log row marked `conditional` is the pending row of a claim: written only if
+# its level was won.
+_PG_CLAIM_AND_LOG = text(
+    "WITH locked AS MATERIALIZED ("
+    + _lock_in_id_order(
+        "ids",
+        ", ".join(["id", *(f"capi_{level.column}_event_id AS e{int(level)}" for level in Level)]),
+    )
+    + "), "
+    "wanted AS (SELECT * FROM json_to_recordset(CAST(:claims AS json)) "
+    f"AS c(id bigint, {', '.join(f'e{int(level)} text' for level in Level)})), "
+    "won AS (SELECT w.id, "
+    + ", ".join(
+        f"CASE WHEN o.e{int(level)} IS NULL THEN w.e{int(level)} END AS e{int(level)}"
+        for level in Level
+    )
+    + f" FROM wanted AS w JOIN locked AS o ON o.id = w.id WHERE {_LOCK_ALL_FIRST}), "
+    "claimed AS (UPDATE dialog_analysis AS d SET "
+    + ", ".join(
+        f"capi_{level.column}_event_id = coalesce(d.capi_{level.column}_event_id, c.e{int(level)})"
+        for level in Level
+    )
+    + ", updated_at = :now FROM won AS c WHERE d.id = c.id AND ("
+    + " OR ".join(f"c.e{int(level)} IS NOT NULL" for level in Level)
+    + ") RETURNING d.id, "
+    + ", ".join(f"c.e{int(level)} IS NOT NULL" for level in Level)
+    + "), "
+    f"logged AS ({_INSERT_LOG_ROWS_FROM_JSON}"
+    "JOIN unnest(CAST(:conditional AS boolean[])) WITH ORDINALITY AS k(conditional, ord) "
+    "ON k.ord = u.ordinality "
+    "WHERE NOT k.conditional OR EXISTS (SELECT 1 FROM won AS c WHERE c.id = u.dialog_id AND "
+    "CASE u.level "
+    + " ".join(f"WHEN {int(level)} THEN c.e{int(level)} IS NOT NULL" for level in Level)
+    + " END) ORDER BY u.ordinality RETURNING id) "
+    "SELECT id, "
+    + ", ".join("NULL::boolean" for _ in Level)
+    + " FROM logged UNION ALL SELECT * FROM claimed"
+)
+
+
+async def claim_and_log(
+    session: AsyncSession,
+    claims: dict[ClaimKey, str],
+    rows: Sequence[tuple[dict[str, Any], ClaimKey | None]],
+    now: datetime,
+) -> tuple[set[ClaimKey], list[int | None]]:
+    """Claims levels ({(dialog_id, level): event_id}, set where the event id is still
+    NULL: the database decides each race) and writes log rows, each (row, claim): a row
+    with a claim is written only if that claim was won. Returns the claims won and each
+    row's log id (None for a row not written), in order.
+
+    PostgreSQL: one statement (see `_PG_CLAIM_AND_LOG`). SQLite (a write locks the whole
+    database): one UPDATE per level, then the INSERTs."""
+    won: set[ClaimKey] = set()
+    if _is_postgresql(session) and claims:
+        by_dialog: dict[int, dict[str, str]] = {}
+        for (dialog_id, level), event_id in claims.items():
+            by_dialog.setdefault(dialog_id, {})[f"e{int(level)}"] = event_id
+        full = [_full_log_row(row) for row, _ in rows]
+        connection = await session.connection()
+        result = await connection.execute(
+            _PG_CLAIM_AND_LOG,
+            {
+                "ids": sorted(by_dialog),
+                "claims": json.dumps(
+                    [{"id": dialog_id, **levels} for dialog_id, levels in by_dialog.items()]
+                ),
+                "rows": json_rows(full),
+                "conditional": [claim is not None for _, claim in rows],
+                "now": now,
+            },
+        )
+        log_ids: list[int] = []
+        for returned in result:
+            flags = returned[1:]
+            if flags[0] is None:
+                log_ids.append(int(returned[0]))
+                continue
+            won.update(
+                (int(returned[0]), level) for level, flag in zip(Level, flags, strict=True) if flag
+            )
+        written = iter(sorted(log_ids))
+        return won, [next(written) if claim is None or claim in won else None for _, claim in rows]
+    by_level: dict[Level, dict[int, str]] = {}
+    for (dialog_id, level), event_id in claims.items():
+        by_level.setdefault(level, {})[dialog_id] = event_id
+    connection = await session.connection()
+    for level in sorted(by_level):
+        claimed = await _claim_level_sqlite(connection, level, by_level[level], now)
+        won.update((dialog_id, level) for dialog_id in claimed)
+    kept = [row for row, claim in rows if claim is None or claim in won]
+    inserted = iter(await insert_log_rows(session, kept))
+    return won, [next(inserted) if claim is None or claim in won else None for _, claim in rows]
 
 
 async def latest_log_row(
