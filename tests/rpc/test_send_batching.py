@@ -388,3 +388,77 @@ async def test_a_callers_email_is_hashed_into_its_event_and_stored_with_the_clai
     qualified = [e for e in graph.events() if e["event_name"] != "Lead"]
     assert [e["user_data"].get("em") for e in qualified] == [[email_hash]]
     assert with_email.dialog_id != without.dialog_id
+
+
+async def test_ensure_dialogs_with_leads_reads_what_exists_and_makes_what_is_missing(
+    stubs: Stubs,
+) -> None:
+    """The claim batch plans from these rows: an existing dialog's claims and sends and its
+    lead's identifiers as stored, a new contact's defaults, and a lead that had no
+    dialog yet with its identifiers kept."""
+    setup = await whatsapp_direction(stubs)
+    direction_id = int(setup.direction_id)
+    db = stubs.app.db
+
+    def contact(n: int) -> dialogs_repo.NewContact:
+        key = f"7701666{n:04d}"
+        return dialogs_repo.NewContact(direction_id, setup.instance_name, key, key)
+
+    sent_at = utcnow()
+    async with db.session() as session:
+        existing = await dialogs_repo.ensure_dialog(
+            session, direction_id, setup.instance_name, contact(1).contact_key, "77016660001"
+        )
+        await session.execute(
+            text("UPDATE leads SET email = 'a@example.com', ctwa_clid = 'clid-1' WHERE id = :id"),
+            {"id": existing.lead_id},
+        )
+        await session.execute(
+            text(
+                "UPDATE dialog_analysis SET capi_interest_event_id = 'evt-1', "
+                "capi_interest_sent = true, capi_interest_sent_at = :at WHERE id = :id"
+            ),
+            {"id": existing.dialog_id, "at": sent_at},
+        )
+        await session.execute(
+            text(
+                "INSERT INTO leads (direction_id, contact_key, contact_phone, email, "
+                "from_ad_without_click_id, created_at, updated_at) "
+                "VALUES (:d, :k, :k, 'b@example.com', false, :at, :at)"
+            ),
+            {"d": direction_id, "k": contact(3).contact_key, "at": sent_at},
+        )
+        await session.commit()
+    async with db.session() as session:
+        made = await dialogs_repo.ensure_dialogs_with_leads(
+            session, [contact(2), contact(1), contact(3), contact(1)]
+        )
+        await session.commit()
+        keys = await dialogs_repo.ensure_dialogs(session, [contact(1), contact(2), contact(3)])
+    assert set(made) == {contact(n).key for n in (1, 2, 3)}
+    for key, (dialog, lead) in made.items():
+        assert (dialog.id, dialog.lead_id, lead.id) == (
+            keys[key].dialog_id,
+            keys[key].lead_id,
+            keys[key].lead_id,
+        )
+        assert dialog.direction_id == direction_id
+    old_dialog, old_lead = made[contact(1).key]
+    assert (old_lead.contact_phone, old_lead.email, old_lead.ctwa_clid) == (
+        "77016660001",
+        "a@example.com",
+        "clid-1",
+    )
+    assert (old_dialog.capi_interest_event_id, old_dialog.capi_interest_sent) == ("evt-1", True)
+    assert old_dialog.capi_interest_sent_at is not None
+    assert abs((old_dialog.capi_interest_sent_at - sent_at).total_seconds()) < 0.001
+    assert old_dialog.capi_interest_sent_at.utcoffset() == sent_at.utcoffset()
+    new_dialog, new_lead = made[contact(2).key]
+    assert (new_lead.contact_phone, new_lead.email, new_lead.ctwa_clid) == (
+        contact(2).contact_key,
+        None,
+        None,
+    )
+    assert (new_dialog.capi_interest_event_id, new_dialog.capi_interest_sent) == (None, False)
+    assert new_dialog.capi_interest_sent_at is None
+    assert made[contact(3).key][1].email == "b@example.com"

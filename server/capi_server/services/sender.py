@@ -326,9 +326,11 @@ class SenderService:
         contacts: Sequence[tuple[DirectionSnapshot, str, str | None]],
         *,
         create: bool,
+        rows: dict[int, tuple[dialogs_repo.DialogSends, dialogs_repo.LeadIdentity]] | None = None,
     ) -> list[DialogKeys | None]:
         """dialog_keys for (snapshot, contact_key, contact_phone) each; those not cached
-        are read, or with `create` read and created together (ensure_dialogs)."""
+        are read, or with `create` read and created together (ensure_dialogs). `rows`: the
+        rows of the dialogs read or created are put there too, by the same statement."""
         cache = self.cache
         found: dict[dialogs_repo.ContactKey, DialogKeys] = {}
         missing: dict[dialogs_repo.ContactKey, dialogs_repo.NewContact] = {}
@@ -345,11 +347,16 @@ class SenderService:
                     contact_phone,
                 )
         if missing:
-            looked_up = (
-                await dialogs_repo.ensure_dialogs(session, list(missing.values()))
-                if create
-                else await dialogs_repo.find_dialogs(session, list(missing))
-            )
+            if not create:
+                looked_up = await dialogs_repo.find_dialogs(session, list(missing))
+            elif rows is None:
+                looked_up = await dialogs_repo.ensure_dialogs(session, list(missing.values()))
+            else:
+                made = await dialogs_repo.ensure_dialogs_with_leads(session, list(missing.values()))
+                looked_up = {}
+                for key, (dialog, lead) in made.items():
+                    looked_up[key] = DialogKeys(dialog.id, lead.id, dialog.direction_id)
+                    rows[dialog.id] = (dialog, lead)
             found.update(looked_up)
 
             def remember() -> None:
@@ -522,7 +529,10 @@ class SenderService:
                         results[i] = exc
                         continue
                     named.append((i, (snapshot, phone, phone)))
-            found = await self.dialog_keys_many(session, [c for _, c in named], create=True)
+            loaded: dict[int, tuple[dialogs_repo.DialogSends, dialogs_repo.LeadIdentity]] = {}
+            found = await self.dialog_keys_many(
+                session, [c for _, c in named], create=True, rows=loaded
+            )
             for (i, _), keys in zip(named, found, strict=True):
                 assert keys is not None
                 dialog_ids[i] = keys.dialog_id
@@ -538,7 +548,11 @@ class SenderService:
                         results[i] = PlannedSend(done)
                         continue
                 to_plan.append((dialog_id, i, event_time, email))
-            loaded = await dialogs_repo.dialogs_with_leads(session, {p[0] for p in to_plan})
+            loaded.update(
+                await dialogs_repo.dialogs_with_leads(
+                    session, {p[0] for p in to_plan} - loaded.keys()
+                )
+            )
             emails: dict[int, str] = {}
             claims: dict[tuple[int, Level], _PendingClaim] = {}
             planned: list[tuple[int, DialogContext, SendItem, list[_LevelStep]]] = []

@@ -24,7 +24,7 @@ from capi_server.adapters.db.orm import (
     utcnow,
 )
 from capi_server.adapters.db.secrets import TokenCipher, UndecryptableSecret
-from capi_server.adapters.db.types import json_rows
+from capi_server.adapters.db.types import UtcDateTime, json_rows
 from capi_server.domain.errors import FailedPrecondition, NotFound
 
 
@@ -148,35 +148,92 @@ _PG_STORE_MESSAGES = text(
     "WHERE id = ANY(CAST(:leads AS bigint[])) AND ctwa_clid IS NOT NULL"
 )
 
-# PostgreSQL: ensure_dialogs in one statement: the dialogs that exist are read (`found`),
-# the others inserted, leads first; the dialogs' INSERT reads the leads' RETURNING rows.
-# ON CONFLICT returns a row another transaction inserted since the statement began. Rows
-# go in in the order given (WITH ORDINALITY), so that concurrent batches lock them alike.
-_PG_ENSURE_DIALOGS = text(
-    f"WITH input AS ({_CONTACTS_JSON.format(param='rows')}), "
-    "found AS (SELECT d.id, d.lead_id, l.direction_id, l.contact_key FROM input AS i "
-    "JOIN leads AS l ON l.direction_id = i.direction_id AND l.contact_key = i.contact_key "
-    "JOIN dialog_analysis AS d ON d.lead_id = l.id), "
-    "missing AS (SELECT * FROM input AS i WHERE NOT EXISTS (SELECT 1 FROM found AS f "
-    "WHERE f.direction_id = i.direction_id AND f.contact_key = i.contact_key)), "
-    "l AS (INSERT INTO leads (direction_id, contact_key, contact_phone, "
-    "from_ad_without_click_id, created_at, updated_at) "
-    "SELECT direction_id, contact_key, contact_phone, false, :now, :now FROM missing "
-    "ORDER BY ord "
-    "ON CONFLICT (direction_id, contact_key) DO UPDATE SET updated_at = excluded.updated_at "
-    "RETURNING id, direction_id, contact_key), "
-    "d AS (INSERT INTO dialog_analysis (lead_id, direction_id, instance_name, contact_phone, "
-    "capi_interest_sent, capi_qualified_sent, capi_scheduled_sent, client_message_count, "
-    "analyzed_client_message_count, is_interested, is_qualified, is_scheduled, held_levels, "
-    "created_at, updated_at) "
-    "SELECT l.id, i.direction_id, i.instance_name, i.dialog_phone, false, false, false, 0, 0, "
-    "false, false, false, CAST('{}' AS jsonb), :now, :now "
-    "FROM l JOIN missing AS i ON i.direction_id = l.direction_id "
-    "AND i.contact_key = l.contact_key ORDER BY i.ord "
-    "ON CONFLICT (lead_id) DO UPDATE SET updated_at = excluded.updated_at "
-    "RETURNING id, lead_id) "
-    "SELECT id, lead_id, direction_id, contact_key FROM found UNION ALL "
-    "SELECT d.id, d.lead_id, l.direction_id, l.contact_key FROM d JOIN l ON l.id = d.lead_id"
+
+@dataclass(slots=True)
+class DialogSends:
+    """A dialog's send columns as plain values: what SendConversion plans from."""
+
+    id: int
+    lead_id: int
+    direction_id: int
+    capi_interest_event_id: str | None
+    capi_qualified_event_id: str | None
+    capi_scheduled_event_id: str | None
+    capi_interest_sent: bool
+    capi_qualified_sent: bool
+    capi_scheduled_sent: bool
+    capi_interest_sent_at: datetime | None
+    capi_qualified_sent_at: datetime | None
+    capi_scheduled_sent_at: datetime | None
+
+
+@dataclass(slots=True)
+class LeadIdentity:
+    """What identifies a lead to Meta (hashed into an event's user_data)."""
+
+    id: int
+    contact_phone: str | None
+    email: str | None
+    ctwa_clid: str | None
+
+
+# The names a lead's identifiers are read as (a dialog has a contact_phone too); its id is
+# the dialog's lead_id.
+_LEAD_IDENTITY_COLUMNS = tuple(
+    f"lead_{name}" for name in LeadIdentity.__dataclass_fields__ if name != "id"
+)
+
+
+def _ensure_dialogs_sql(dialog_columns: Sequence[str], lead_columns: Sequence[str]) -> str:
+    """ensure_dialogs in one statement, returning `dialog_columns` of each dialog,
+    `lead_columns` of its lead (`lead_<column>`), then direction_id and contact_key.
+
+    The dialogs that exist are read (`found`), the others inserted, leads first; the
+    dialogs' INSERT reads the leads' RETURNING rows. ON CONFLICT returns a row another
+    transaction inserted since the statement began, as it is now. Rows go in in the order
+    given (WITH ORDINALITY), so that concurrent batches lock them alike."""
+    found_leads = "".join(f", l.{c.removeprefix('lead_')} AS {c}" for c in lead_columns)
+    returned_leads = "".join(f", {c.removeprefix('lead_')} AS {c}" for c in lead_columns)
+    dialogs = ", ".join(dialog_columns)
+    return (
+        f"WITH input AS ({_CONTACTS_JSON.format(param='rows')}), "
+        f"found AS (SELECT {', '.join(f'd.{c}' for c in dialog_columns)}{found_leads}, "
+        "l.direction_id AS lead_direction_id, l.contact_key FROM input AS i "
+        "JOIN leads AS l ON l.direction_id = i.direction_id AND l.contact_key = i.contact_key "
+        "JOIN dialog_analysis AS d ON d.lead_id = l.id), "
+        "missing AS (SELECT * FROM input AS i WHERE NOT EXISTS (SELECT 1 FROM found AS f "
+        "WHERE f.lead_direction_id = i.direction_id AND f.contact_key = i.contact_key)), "
+        "l AS (INSERT INTO leads (direction_id, contact_key, contact_phone, "
+        "from_ad_without_click_id, created_at, updated_at) "
+        "SELECT direction_id, contact_key, contact_phone, false, :now, :now FROM missing "
+        "ORDER BY ord "
+        "ON CONFLICT (direction_id, contact_key) DO UPDATE SET updated_at = excluded.updated_at "
+        f"RETURNING id, direction_id, contact_key{returned_leads}), "
+        "d AS (INSERT INTO dialog_analysis (lead_id, direction_id, instance_name, "
+        "contact_phone, capi_interest_sent, capi_qualified_sent, capi_scheduled_sent, "
+        "client_message_count, analyzed_client_message_count, is_interested, is_qualified, "
+        "is_scheduled, held_levels, created_at, updated_at) "
+        "SELECT l.id, i.direction_id, i.instance_name, i.dialog_phone, false, false, false, "
+        "0, 0, false, false, false, CAST('{}' AS jsonb), :now, :now "
+        "FROM l JOIN missing AS i ON i.direction_id = l.direction_id "
+        "AND i.contact_key = l.contact_key ORDER BY i.ord "
+        "ON CONFLICT (lead_id) DO UPDATE SET updated_at = excluded.updated_at "
+        f"RETURNING {dialogs}) "
+        f"SELECT {dialogs}{''.join(f', {c}' for c in lead_columns)}, lead_direction_id, "
+        "contact_key FROM found UNION ALL "
+        f"SELECT {', '.join(f'd.{c}' for c in dialog_columns)}"
+        f"{''.join(f', l.{c}' for c in lead_columns)}, l.direction_id, l.contact_key "
+        "FROM d JOIN l ON l.id = d.lead_id"
+    )
+
+
+# PostgreSQL: ensure_dialogs (ids) and ensure_dialogs_with_leads (the rows SendConversion
+# plans from) in one statement each.
+_PG_ENSURE_DIALOGS = text(_ensure_dialogs_sql(("id", "lead_id"), ()))
+_PG_ENSURE_DIALOGS_WITH_LEADS = text(
+    _ensure_dialogs_sql(tuple(DialogSends.__dataclass_fields__), _LEAD_IDENTITY_COLUMNS)
+).columns(
+    **{f"capi_{level}_sent_at": UtcDateTime() for level in ("interest", "qualified", "scheduled")}
 )
 
 
@@ -371,6 +428,32 @@ async def ensure_dialogs(
     }
 
 
+async def ensure_dialogs_with_leads(
+    session: AsyncSession, contacts: Sequence[NewContact], *, now: datetime | None = None
+) -> dict[ContactKey, tuple[DialogSends, LeadIdentity]]:
+    """ensure_dialogs, returning each dialog's send columns and its lead's identifiers
+    (what dialogs_with_leads reads): on PostgreSQL in the same one statement."""
+    now = now or utcnow()
+    unique = _in_key_order(contacts)
+    if not unique:
+        return {}
+    connection = await session.connection()
+    if connection.dialect.name != "postgresql":
+        keys = await ensure_dialogs(session, unique, now=now)
+        rows = await dialogs_with_leads(session, [k.dialog_id for k in keys.values()])
+        return {key: rows[k.dialog_id] for key, k in keys.items()}
+    result = await connection.execute(
+        _PG_ENSURE_DIALOGS_WITH_LEADS, {"rows": _contacts_json(unique), "now": now}
+    )
+    width = len(DialogSends.__dataclass_fields__)
+    found: dict[ContactKey, tuple[DialogSends, LeadIdentity]] = {}
+    for row in result:
+        dialog = DialogSends(*row[:width])
+        lead = LeadIdentity(dialog.lead_id, *row[width : width + len(_LEAD_IDENTITY_COLUMNS)])
+        found[(row[-2], row[-1])] = (dialog, lead)
+    return found
+
+
 async def ensure_dialog(
     session: AsyncSession,
     direction_id: int,
@@ -383,34 +466,6 @@ async def ensure_dialog(
     """The lead and dialog of (direction, contact), created when missing (race-safe)."""
     contact = NewContact(direction_id, instance_name, contact_key, contact_phone)
     return (await ensure_dialogs(session, [contact], now=now))[contact.key]
-
-
-@dataclass(slots=True)
-class DialogSends:
-    """A dialog's send columns as plain values: what SendConversion plans from."""
-
-    id: int
-    lead_id: int
-    direction_id: int
-    capi_interest_event_id: str | None
-    capi_qualified_event_id: str | None
-    capi_scheduled_event_id: str | None
-    capi_interest_sent: bool
-    capi_qualified_sent: bool
-    capi_scheduled_sent: bool
-    capi_interest_sent_at: datetime | None
-    capi_qualified_sent_at: datetime | None
-    capi_scheduled_sent_at: datetime | None
-
-
-@dataclass(slots=True)
-class LeadIdentity:
-    """What identifies a lead to Meta (hashed into an event's user_data)."""
-
-    id: int
-    contact_phone: str | None
-    email: str | None
-    ctwa_clid: str | None
 
 
 _SENDS_AND_IDENTITIES = select(
