@@ -241,7 +241,7 @@ def hot_queries(
         HotQuery(
             "Lock the batch's dialogs, claim their levels, write the log rows (one statement)",
             "events_repo.claim_and_log (SendConversion claim batch)",
-            _psycopg_sql(events_repo._PG_CLAIM_AND_LOG),
+            events_repo._PG_CLAIM_AND_LOG,
             {
                 "ids": [dialog_id],
                 "claims": json.dumps([{"id": dialog_id, "e2": "bench-explain"}]),
@@ -261,7 +261,7 @@ def hot_queries(
         HotQuery(
             "Record a Graph request's accepted events",
             "events_repo.mark_success (after each Graph request)",
-            _psycopg_sql(events_repo._PG_MARK_SENT),
+            events_repo._PG_MARK_SENT,
             {
                 "status": "success",
                 "response": "{}",

@@ -126,13 +126,25 @@ def observe_rpc(full_method: str, code: str, seconds: float) -> None:
     duration.observe(seconds)
 
 
+@functools.lru_cache(maxsize=4096)
+def _event_counter(level: int, status: str, error_code: int | None) -> Any:
+    """The labelled child of one (level, status, error code), as `_rpc_metrics` keeps
+    them. Bounded: Meta's error codes are a short list in practice, and the cache too."""
+    return EVENTS.labels(str(level), status, str(error_code) if error_code is not None else "")
+
+
+@functools.lru_cache(maxsize=8)
+def _dedup_counter(level: int) -> Any:
+    return DEDUP_HITS.labels(str(level))
+
+
 def observe_event(level: int, status: str, error_code: int | None = None) -> None:
     """One CAPI event reached a result (sent, queued for retry, failed, skipped)."""
-    EVENTS.labels(str(level), status, str(error_code) if error_code is not None else "").inc()
+    _event_counter(level, status, error_code).inc()
 
 
 def observe_dedup_hit(level: int) -> None:
-    DEDUP_HITS.labels(str(level)).inc()
+    _dedup_counter(level).inc()
 
 
 def observe_graph_request(
@@ -144,8 +156,13 @@ def observe_graph_request(
         GRAPH_BATCH_SIZE.observe(batch_size)
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_histogram(batch: str) -> Any:
+    return BATCH_ITEMS.labels(batch)
+
+
 def observe_batch(batch: str, items: int) -> None:
-    BATCH_ITEMS.labels(batch).observe(items)
+    _batch_histogram(batch).observe(items)
 
 
 def observe_llm_call(

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-import psycopg
 from sqlalchemy import BigInteger, Table, any_, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from capi_server.adapters.db import driver
 from capi_server.adapters.db.orm import (
     AdAccountRow,
     DialogAnalysisRow,
@@ -24,7 +23,7 @@ from capi_server.adapters.db.orm import (
     utcnow,
 )
 from capi_server.adapters.db.secrets import TokenCipher, UndecryptableSecret
-from capi_server.adapters.db.types import UtcDateTime, json_rows
+from capi_server.adapters.db.types import json_rows
 from capi_server.domain.errors import FailedPrecondition, NotFound
 
 
@@ -230,10 +229,12 @@ def _ensure_dialogs_sql(dialog_columns: Sequence[str], lead_columns: Sequence[st
 # PostgreSQL: ensure_dialogs (ids) and ensure_dialogs_with_leads (the rows SendConversion
 # plans from) in one statement each.
 _PG_ENSURE_DIALOGS = text(_ensure_dialogs_sql(("id", "lead_id"), ()))
-_PG_ENSURE_DIALOGS_WITH_LEADS = text(
-    _ensure_dialogs_sql(tuple(DialogSends.__dataclass_fields__), _LEAD_IDENTITY_COLUMNS)
-).columns(
-    **{f"capi_{level}_sent_at": UtcDateTime() for level in ("interest", "qualified", "scheduled")}
+# Run on psycopg directly (adapters/db/driver.py): one per SendConversion batch.
+_PG_ENSURE_DIALOGS_WITH_LEADS = driver.psycopg_text(
+    text(_ensure_dialogs_sql(tuple(DialogSends.__dataclass_fields__), _LEAD_IDENTITY_COLUMNS))
+)
+_SENT_AT_INDEXES = tuple(
+    i for i, name in enumerate(DialogSends.__dataclass_fields__) if name.endswith("_sent_at")
 )
 
 
@@ -442,13 +443,16 @@ async def ensure_dialogs_with_leads(
         keys = await ensure_dialogs(session, unique, now=now)
         rows = await dialogs_with_leads(session, [k.dialog_id for k in keys.values()])
         return {key: rows[k.dialog_id] for key, k in keys.items()}
-    result = await connection.execute(
-        _PG_ENSURE_DIALOGS_WITH_LEADS, {"rows": _contacts_json(unique), "now": now}
+    result = await driver.fetch_all(
+        connection, _PG_ENSURE_DIALOGS_WITH_LEADS, {"rows": _contacts_json(unique), "now": now}
     )
     width = len(DialogSends.__dataclass_fields__)
     found: dict[ContactKey, tuple[DialogSends, LeadIdentity]] = {}
     for row in result:
-        dialog = DialogSends(*row[:width])
+        values = list(row[:width])
+        for i in _SENT_AT_INDEXES:
+            values[i] = driver.utc(values[i])
+        dialog = DialogSends(*values)
         lead = LeadIdentity(dialog.lead_id, *row[width : width + len(_LEAD_IDENTITY_COLUMNS)])
         found[(row[-2], row[-1])] = (dialog, lead)
     return found
@@ -559,32 +563,12 @@ async def dialog_states(
     if connection.dialect.name != "postgresql":
         rows = await connection.execute(_DIALOG_STATES, {"ids": ids})
         return {row.id: DialogState(*row) for row in rows}
-    driver = (await connection.get_raw_connection()).driver_connection
-    assert driver is not None
-    try:
-        async with driver.cursor() as cursor:
-            await cursor.execute(_PG_DIALOG_STATES, {"ids": ids})
-            fetched = await cursor.fetchall()
-    except psycopg.Error as exc:
-        # What SQLAlchemy would do had it run the query: drop a broken connection from the
-        # pool, and raise its error type (a lost connection is then UNAVAILABLE, not INTERNAL).
-        broken = driver.closed or driver.broken
-        if broken:
-            await connection.invalidate(exc)
-        raise DBAPIError.instance(
-            _PG_DIALOG_STATES,
-            None,
-            exc,
-            psycopg.Error,
-            hide_parameters=True,
-            connection_invalidated=broken,
-        ) from exc
+    fetched = await driver.fetch_all(connection, _PG_DIALOG_STATES, {"ids": ids})
     states: dict[int, DialogState] = {}
     for row in fetched:
         values = list(row)
         for i in _DIALOG_STATE_TIMES:
-            if values[i] is not None:
-                values[i] = values[i].astimezone(UTC)  # as UtcDateTime gives them
+            values[i] = driver.utc(values[i])
         states[values[0]] = DialogState(*values)
     return states
 

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Table, and_, case, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from capi_server.adapters.db import driver
 from capi_server.adapters.db.orm import CapiEventLogRow, DialogAnalysisRow, utcnow
 from capi_server.adapters.db.types import json_rows
 from capi_server.domain.events import EventStatus
@@ -131,7 +132,7 @@ ClaimKey = tuple[int, Level]
 # statement's. One UPDATE sets every level of a dialog (a statement may change a row only
 # once). A log row marked `conditional` is the pending row of a claim: written only if
 # its level was won.
-_PG_CLAIM_AND_LOG = text(
+_PG_CLAIM_AND_LOG_TEXT = text(
     "WITH locked AS MATERIALIZED ("
     + _lock_in_id_order(
         "ids",
@@ -167,6 +168,8 @@ _PG_CLAIM_AND_LOG = text(
     + ", ".join("NULL::boolean" for _ in Level)
     + " FROM logged UNION ALL SELECT * FROM claimed"
 )
+# Run on psycopg directly (adapters/db/driver.py): one per SendConversion batch.
+_PG_CLAIM_AND_LOG = driver.psycopg_text(_PG_CLAIM_AND_LOG_TEXT)
 
 
 async def claim_and_log(
@@ -189,7 +192,8 @@ async def claim_and_log(
             by_dialog.setdefault(dialog_id, {})[f"e{int(level)}"] = event_id
         full = [_full_log_row(row) for row, _ in rows]
         connection = await session.connection()
-        result = await connection.execute(
+        result = await driver.fetch_all(
+            connection,
             _PG_CLAIM_AND_LOG,
             {
                 "ids": sorted(by_dialog),
@@ -244,7 +248,7 @@ async def latest_log_row(
 # PostgreSQL: one statement, so that it needs no transaction of its own (no BEGIN and
 # COMMIT round trips): the dialogs locked in id order first (as every batch locks them),
 # the log rows in a CTE, the dialogs' levels from an id array per level.
-_PG_MARK_SENT = text(
+_PG_MARK_SENT_TEXT = text(
     f"WITH {_locked_cte('dialog_ids')}, "
     "logged AS (UPDATE capi_events_log SET status = :status, "
     "facebook_response = CAST(:response AS jsonb), attempts = attempts + 1, "
@@ -262,6 +266,8 @@ _PG_MARK_SENT = text(
     + ", updated_at = :now WHERE d.id = ANY(CAST(:dialog_ids AS bigint[])) "
     f"AND {_LOCK_ALL_FIRST}"
 )
+# Run on psycopg directly (adapters/db/driver.py): one per Graph request.
+_PG_MARK_SENT = driver.psycopg_text(_PG_MARK_SENT_TEXT)
 
 
 async def mark_success(
@@ -281,7 +287,8 @@ async def mark_success(
     }
     connection = executor if isinstance(executor, AsyncConnection) else await executor.connection()
     if connection.dialect.name == "postgresql":
-        await connection.execute(
+        await driver.fetch_all(
+            connection,
             _PG_MARK_SENT,
             {
                 "status": EventStatus.SUCCESS.value,
