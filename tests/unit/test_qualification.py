@@ -19,6 +19,7 @@ from capi_server.domain.qualification import (
     build_analysis_messages,
     build_prompt_generation_messages,
     interest_reached,
+    interest_reached_by_count,
     parse_verdict,
     prompt_version_hash,
     render_dialog,
@@ -58,6 +59,14 @@ def test_interest_needs_two_client_messages() -> None:
     assert "1 message" in one.reason
     assert (two.level, two.reached) == (Level.INTEREST, True)
     assert "2 messages" in two.reason
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7])
+def test_interest_from_a_dialogs_counter_decides_as_from_its_messages(count: int) -> None:
+    """AnalyzeDialog decides level 1 from the dialog's client message counter alone."""
+    messages = [msg(i, False, "?") for i in range(count)] + [msg(99, True, "ok")]
+
+    assert interest_reached_by_count(count) == interest_reached(messages)
 
 
 def test_interest_ignores_business_messages_and_counts_media() -> None:

@@ -58,7 +58,11 @@ def interest_reached(messages: Sequence[DialogMessage]) -> LevelDecision:
     client is engagement just like a typed question, and Evolution stores media with an
     empty text.
     """
-    client_messages = sum(1 for message in messages if not message.from_me)
+    return interest_reached_by_count(sum(1 for message in messages if not message.from_me))
+
+
+def interest_reached_by_count(client_messages: int) -> LevelDecision:
+    """interest_reached from the number of client messages alone (a dialog's counter)."""
     reached = client_messages >= INTEREST_MIN_CLIENT_MESSAGES
     noun = "message" if client_messages == 1 else "messages"
     if reached:

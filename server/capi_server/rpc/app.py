@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -138,6 +139,12 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
 async def serve(app: App) -> None:
     """Run until SIGTERM/SIGINT; then stop taking calls and drain in-flight ones."""
     running = await start_server(app)
+    # What start-up made (modules, descriptors, the ORM's metadata, the pools) lives as
+    # long as the process: out of the cyclic GC's way, a full collection under load scans
+    # only what the calls and caches made since (SendConversion's p99 in make bench:
+    # ~100 ms of GC pauses -> ~35 ms).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

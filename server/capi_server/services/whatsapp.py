@@ -36,7 +36,7 @@ from capi_server.domain.errors import (
 from capi_server.domain.events import EventOutcome
 from capi_server.domain.levels import Level, LevelDecision
 from capi_server.domain.payloads import MAX_EVENT_AGE_SECONDS
-from capi_server.domain.qualification import DialogMessage, interest_reached
+from capi_server.domain.qualification import DialogMessage, interest_reached_by_count
 from capi_server.domain.whatsapp_webhooks import (
     InboundMessage,
     InvalidWebhook,
@@ -547,9 +547,7 @@ class WhatsAppService:
             # Nothing to decide: the reason is the whole answer.
             result.skipped_reason = skip_llm
             return result
-        rule = interest_reached(
-            [DialogMessage(str(i), False, "", 0) for i in range(dialog.client_message_count)]
-        )
+        rule = interest_reached_by_count(dialog.client_message_count)
         prompt = snapshot.direction.qualification_prompt
         analysis: LlmAnalysis | None = None
         messages: list[DialogMessage] = []
@@ -631,18 +629,20 @@ class WhatsAppService:
             (d.level for d in result.levels if d.reached and d.level not in result.held),
             default=None,
         )
-        log.log(
-            logging.INFO if result.llm_called else logging.DEBUG,
-            "[qualificationAgent] Qualification analysis complete",
-            extra={
-                "dialogId": dialog_id,
-                "isInterested": decisions[Level.INTEREST].reached,
-                "isQualified": decisions[Level.QUALIFIED].reached,
-                "isScheduled": decisions[Level.SCHEDULED].reached,
-                "llmCalled": result.llm_called,
-                "llmSkippedReason": result.llm_skipped_reason,
-            },
-        )
+        log_level = logging.INFO if result.llm_called else logging.DEBUG
+        if log.isEnabledFor(log_level):  # most calls: DEBUG, off; not even the record's fields
+            log.log(
+                log_level,
+                "[qualificationAgent] Qualification analysis complete",
+                extra={
+                    "dialogId": dialog_id,
+                    "isInterested": decisions[Level.INTEREST].reached,
+                    "isQualified": decisions[Level.QUALIFIED].reached,
+                    "isScheduled": decisions[Level.SCHEDULED].reached,
+                    "llmCalled": result.llm_called,
+                    "llmSkippedReason": result.llm_skipped_reason,
+                },
+            )
         if target is not None:
             result.events = await self._send(dialog_id, target, last_message_at, dry_run)
         return result
