@@ -94,7 +94,9 @@ class Batcher(Generic[ItemT, ResultT]):
             futures.append(future)
         if self._runner is None:
             self._runner = asyncio.create_task(self._drain())
-        return [await asyncio.shield(future) for future in futures]
+        # Each item has a future of its own: a caller that gives up cancels only that one
+        # (the batch skips futures already done), so no shield is needed around it.
+        return [await future for future in futures]
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
