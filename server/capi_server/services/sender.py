@@ -893,9 +893,11 @@ class SenderService:
                 step.claim.log_id = log_id
         for key, claim in claims.items():
             claim.won = key in won
-            if not claim.won:
-                # Another call claimed it between our read and our update.
-                fresh = await dialogs_repo.dialogs_with_leads(session, [claim.dialog.id])
+        lost = [claim for claim in claims.values() if not claim.won]
+        if lost:
+            # Other calls claimed these between our read and our update: read them again.
+            fresh = await dialogs_repo.dialogs_with_leads(session, {c.dialog.id for c in lost})
+            for claim in lost:
                 claim.dialog = fresh[claim.dialog.id][0]
                 claim.lost = await self.existing_outcome(
                     session, claim.dialog, claim.level, claim.name

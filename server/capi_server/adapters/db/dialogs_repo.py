@@ -176,6 +176,8 @@ class LeadIdentity:
     ctwa_clid: str | None
 
 
+_SENDS_WIDTH = len(DialogSends.__dataclass_fields__)
+
 # The names a lead's identifiers are read as (a dialog has a contact_phone too); its id is
 # the dialog's lead_id.
 _LEAD_IDENTITY_COLUMNS = tuple(
@@ -446,14 +448,15 @@ async def ensure_dialogs_with_leads(
     result = await driver.fetch_all(
         connection, _PG_ENSURE_DIALOGS_WITH_LEADS, {"rows": _contacts_json(unique), "now": now}
     )
-    width = len(DialogSends.__dataclass_fields__)
     found: dict[ContactKey, tuple[DialogSends, LeadIdentity]] = {}
     for row in result:
-        values = list(row[:width])
+        values = list(row[:_SENDS_WIDTH])
         for i in _SENT_AT_INDEXES:
             values[i] = driver.utc(values[i])
         dialog = DialogSends(*values)
-        lead = LeadIdentity(dialog.lead_id, *row[width : width + len(_LEAD_IDENTITY_COLUMNS)])
+        lead = LeadIdentity(
+            dialog.lead_id, *row[_SENDS_WIDTH : _SENDS_WIDTH + len(_LEAD_IDENTITY_COLUMNS)]
+        )
         found[(row[-2], row[-1])] = (dialog, lead)
     return found
 
@@ -484,7 +487,6 @@ _PG_SENDS_AND_IDENTITIES = _SENDS_AND_IDENTITIES.where(
 _SQLITE_SENDS_AND_IDENTITIES = _SENDS_AND_IDENTITIES.where(
     _DIALOGS.c.id.in_(bindparam("ids", expanding=True))
 )
-_SENDS_WIDTH = len(DialogSends.__dataclass_fields__)
 
 
 async def dialogs_with_leads(

@@ -214,18 +214,21 @@ async def claim_and_log(
             won.update(
                 (int(returned[0]), level) for level, flag in zip(Level, flags, strict=True) if flag
             )
-        written = iter(sorted(log_ids))
-        return won, [next(written) if claim is None or claim in won else None for _, claim in rows]
-    by_level: dict[Level, dict[int, str]] = {}
-    for (dialog_id, level), event_id in claims.items():
-        by_level.setdefault(level, {})[dialog_id] = event_id
-    connection = await session.connection()
-    for level in sorted(by_level):
-        claimed = await _claim_level_sqlite(connection, level, by_level[level], now)
-        won.update((dialog_id, level) for dialog_id in claimed)
-    kept = [row for row, claim in rows if claim is None or claim in won]
-    inserted = iter(await insert_log_rows(session, kept))
-    return won, [next(inserted) if claim is None or claim in won else None for _, claim in rows]
+        # The sequence gave the rows written ids ascending in the order given.
+        log_ids.sort()
+    else:
+        by_level: dict[Level, dict[int, str]] = {}
+        for (dialog_id, level), event_id in claims.items():
+            by_level.setdefault(level, {})[dialog_id] = event_id
+        connection = await session.connection()
+        for level in sorted(by_level):
+            claimed = await _claim_level_sqlite(connection, level, by_level[level], now)
+            won.update((dialog_id, level) for dialog_id in claimed)
+        log_ids = await insert_log_rows(
+            session, [row for row, claim in rows if claim is None or claim in won]
+        )
+    written = iter(log_ids)
+    return won, [next(written) if claim is None or claim in won else None for _, claim in rows]
 
 
 async def latest_log_row(
