@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = 256
     # Group commit: under concurrent load a batch of IngestMessage, SendConversion or
     # AnalyzeDialog work waits this long for more calls before it starts (0: never).
-    batch_linger_ms: float = Field(default=5.0, ge=0.0, le=100.0)
+    batch_linger_ms: float = Field(default=2.0, ge=0.0, le=100.0)
     partner_agent: str = ""
     # CRM source: client-side rate limits per CRM account, read concurrency, reconciliation
     # (the periodic job runs only for connections with reconcile_interval_seconds > 0).
