@@ -17,7 +17,8 @@ Environment (all optional):
 - BENCH_PROFILE: 1 when BENCH_SECONDS >= 5 (profiles of ingest and send_new);
   BENCH_PROFILER=py-spy samples with py-spy (a dev dependency) from outside the server,
   BENCH_PROFILER=cprofile uses cProfile instead of bench.sampler.
-- BENCH_WRITE_README: 1 when BENCH_SECONDS >= 10 (refresh the results in bench/README.md).
+- BENCH_WRITE_README: 1 when BENCH_SECONDS >= 10 and BENCH_ONLY is not set (refresh the
+  results in bench/README.md).
 - BENCH_ONLY: comma-separated steps (core, crm, scale, memory, sqlite, profile).
 - BENCH_KEEP_LOGS=1 keeps the server logs.
 - CAPI_TEST_DATABASE_URL (the PostgreSQL admin URL).
@@ -136,7 +137,10 @@ class BenchConfig:
             crm_deals=int(_env_number("BENCH_CRM_DEALS", 1000)),
             sqlite=_env_flag("BENCH_SQLITE", False),
             profile=_env_flag("BENCH_PROFILE", seconds >= 5),
-            write_readme=_env_flag("BENCH_WRITE_README", seconds >= 10),
+            # A partial run (BENCH_ONLY) would replace the full table with a few rows.
+            write_readme=_env_flag(
+                "BENCH_WRITE_README", seconds >= 10 and not os.environ.get("BENCH_ONLY")
+            ),
         )
 
 

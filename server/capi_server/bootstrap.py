@@ -9,6 +9,7 @@ from typing import Any
 
 from capi_server.adapters.db.database import Database, create_engine, migrate
 from capi_server.adapters.db.secrets import PlaintextCipher, TokenCipher
+from capi_server.adapters.heap import HeapTrimmer
 from capi_server.adapters.meta_graph import MetaGraphClient
 from capi_server.adapters.metrics import MetricsEndpoint, QueueSnapshot, QueueSource
 from capi_server.config import Settings
@@ -62,6 +63,7 @@ class App:
     closers: list[Any] = field(default_factory=list)
     diagnostics: DiagnosticsService | None = None
     metrics_endpoint: MetricsEndpoint | None = None
+    heap_trimmer: HeapTrimmer | None = None
 
     def start_background(self) -> None:
         if self.settings.retry_worker_enabled and self.retry_worker is None:
@@ -69,6 +71,9 @@ class App:
             self.retry_worker.start()
         if self.settings.crm_reconcile_enabled:
             self.crm.start()
+        if self.settings.memory_trim_seconds > 0 and self.heap_trimmer is None:
+            self.heap_trimmer = HeapTrimmer(self.settings.memory_trim_seconds)
+            self.heap_trimmer.start()
         if self.settings.metrics_listen and self.metrics_endpoint is None:
             self.metrics_endpoint = MetricsEndpoint.start(
                 self.settings.metrics_listen, self._queue_source()
@@ -91,6 +96,9 @@ class App:
         return read
 
     async def aclose(self) -> None:
+        if self.heap_trimmer is not None:
+            await self.heap_trimmer.stop()
+            self.heap_trimmer = None
         if self.metrics_endpoint is not None:
             # In a thread: shutdown() waits for a scrape in progress, which may be waiting
             # for this loop (the retry-queue query).
