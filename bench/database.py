@@ -207,7 +207,9 @@ def hot_queries(
             _psycopg_sql(dialogs_repo._PG_INGEST_BATCH),
             {
                 "contacts": json.dumps(contacts),
+                "contacts_count": len(contacts),
                 "messages": json.dumps(contact_messages),
+                "messages_count": len(contact_messages),
                 "now": now,
             },
             mutates=True,
@@ -216,14 +218,14 @@ def hot_queries(
             "Find or create the batch's leads and dialogs (one existing contact, one new)",
             "dialogs_repo.ensure_dialogs (IngestMessage and SendConversion batches)",
             _psycopg_sql(dialogs_repo._PG_ENSURE_DIALOGS),
-            {"rows": json.dumps(contacts), "now": now},
+            {"rows": json.dumps(contacts), "rows_count": len(contacts), "now": now},
             mutates=True,
         ),
         HotQuery(
             "Store messages, bump counters, read click ids",
             "dialogs_repo.store_messages (IngestMessage batch with click ids)",
             _psycopg_sql(dialogs_repo._PG_STORE_MESSAGES),
-            {"rows": json.dumps([message]), "now": now, "leads": [lead_id]},
+            {"rows": json.dumps([message]), "rows_count": 1, "now": now, "leads": [lead_id]},
             mutates=True,
         ),
         HotQuery(

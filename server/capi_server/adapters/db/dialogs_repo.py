@@ -113,8 +113,32 @@ _CONTACTS_JSON = (
     "SELECT * FROM ROWS FROM (json_to_recordset(CAST(:{param} AS json)) "
     "AS (direction_id bigint, contact_key text, contact_phone text, instance_name text, "
     "dialog_phone text)) WITH ORDINALITY "
-    "AS t(direction_id, contact_key, contact_phone, instance_name, dialog_phone, ord)"
+    "AS t(direction_id, contact_key, contact_phone, instance_name, dialog_phone, ord) "
+    # Not to cut anything (it is the number of rows given) but to tell the planner how many
+    # rows come: it takes any json_to_recordset for 100, and with 100 contacts (and the
+    # dialogs, messages and counters that follow from them) a sequential scan of a table
+    # of a few thousand rows looks cheaper than the index lookups.
+    "LIMIT :{param}_count"
 )
+
+
+def _found_by_contact(contacts: str, columns: str) -> str:
+    """FROM clause: each contact of CTE `contacts` (as `i`) with its lead `l` and dialog
+    `d`, `columns` of them as `f`; contacts without both are left out.
+
+    One index lookup per contact, whatever the tables' statistics say: the planner takes
+    json_to_recordset for 100 rows (batches carry ~10-30), and as a plain join it chose a
+    hash join over a sequential scan of leads on every batch until leads held some 30,000
+    rows (make bench, scale step: 1,300-2,000 scans of the whole table in a minute). A
+    LATERAL subquery with LIMIT is always run once per outer row; the LIMIT changes no
+    result (one lead per (direction_id, contact_key), one dialog per lead)."""
+    return (
+        f"FROM {contacts} AS i CROSS JOIN LATERAL (SELECT {columns} FROM leads AS l "
+        "JOIN dialog_analysis AS d ON d.lead_id = l.id "
+        "WHERE l.direction_id = i.direction_id AND l.contact_key = i.contact_key LIMIT 1) AS f"
+    )
+
+
 # The new client messages (CTE `added`: id, n, last_at) counted into their dialogs, locked
 # in id order (the order every batch locks dialogs in); every row the UPDATE changes passed
 # the IN test, so the `locked` CTE had locked it before.
@@ -137,6 +161,7 @@ _PG_STORE_MESSAGES = text(
     "SELECT dialog_id, message_id, from_me, text, message_type, sent_at, :now "
     "FROM json_to_recordset(CAST(:rows AS json)) AS t(dialog_id bigint, message_id text, "
     "from_me boolean, text text, message_type text, sent_at timestamptz) "
+    "LIMIT :rows_count "  # the planner's row count (see _CONTACTS_JSON), not a cut
     "ON CONFLICT (dialog_id, message_id) DO NOTHING "
     "RETURNING dialog_id, message_id, from_me, sent_at), "
     "added AS (SELECT dialog_id AS id, count(*) AS n, max(sent_at) AS last_at FROM stored "
@@ -198,10 +223,13 @@ def _ensure_dialogs_sql(dialog_columns: Sequence[str], lead_columns: Sequence[st
     dialogs = ", ".join(dialog_columns)
     return (
         f"WITH input AS ({_CONTACTS_JSON.format(param='rows')}), "
-        f"found AS (SELECT {', '.join(f'd.{c}' for c in dialog_columns)}{found_leads}, "
-        "l.direction_id AS lead_direction_id, l.contact_key FROM input AS i "
-        "JOIN leads AS l ON l.direction_id = i.direction_id AND l.contact_key = i.contact_key "
-        "JOIN dialog_analysis AS d ON d.lead_id = l.id), "
+        "found AS (SELECT f.* "
+        + _found_by_contact(
+            "input",
+            f"{', '.join(f'd.{c}' for c in dialog_columns)}{found_leads}, "
+            "l.direction_id AS lead_direction_id, l.contact_key",
+        )
+        + "), "
         "missing AS (SELECT * FROM input AS i WHERE NOT EXISTS (SELECT 1 FROM found AS f "
         "WHERE f.lead_direction_id = i.direction_id AND f.contact_key = i.contact_key)), "
         "l AS (INSERT INTO leads (direction_id, contact_key, contact_phone, "
@@ -253,10 +281,10 @@ _SENT_AT_INDEXES = tuple(
 _PG_INGEST_BATCH = text(
     f"WITH contacts AS ({_CONTACTS_JSON.format(param='contacts')}), "
     "msgs AS (SELECT * FROM json_to_recordset(CAST(:messages AS json)) AS m(contact bigint, "
-    "message_id text, from_me boolean, text text, message_type text, sent_at timestamptz)), "
-    "found AS (SELECT i.ord, d.id, d.lead_id, l.ctwa_clid FROM contacts AS i "
-    "JOIN leads AS l ON l.direction_id = i.direction_id AND l.contact_key = i.contact_key "
-    "JOIN dialog_analysis AS d ON d.lead_id = l.id), "
+    "message_id text, from_me boolean, text text, message_type text, sent_at timestamptz) "
+    "LIMIT :messages_count), "
+    "found AS (SELECT i.ord, f.id, f.lead_id, f.ctwa_clid "
+    f"{_found_by_contact('contacts', 'd.id, d.lead_id, l.ctwa_clid')}), "
     "missing AS (SELECT * FROM contacts AS i WHERE NOT EXISTS "
     "(SELECT 1 FROM found AS f WHERE f.ord = i.ord)), "
     "new_counts AS (SELECT contact AS ord, count(*) FILTER (WHERE NOT from_me) AS n, "
@@ -297,18 +325,21 @@ def _in_key_order(contacts: Sequence[NewContact]) -> list[NewContact]:
     return sorted({c.key: c for c in contacts}.values(), key=lambda c: c.key)
 
 
-def _contacts_json(contacts: Sequence[NewContact]) -> str:
-    """The `_CONTACTS_JSON` parameter of `contacts`, in their order."""
-    return json_rows(
-        {
-            "direction_id": c.direction_id,
-            "contact_key": c.contact_key,
-            "contact_phone": c.contact_phone,
-            "instance_name": c.instance_name,
-            "dialog_phone": c.contact_phone or c.contact_key,
-        }
-        for c in contacts
-    )
+def _contacts_params(param: str, contacts: Sequence[NewContact]) -> dict[str, Any]:
+    """The `_CONTACTS_JSON` parameters of `contacts`, in their order."""
+    return {
+        param: json_rows(
+            {
+                "direction_id": c.direction_id,
+                "contact_key": c.contact_key,
+                "contact_phone": c.contact_phone,
+                "instance_name": c.instance_name,
+                "dialog_phone": c.contact_phone or c.contact_key,
+            }
+            for c in contacts
+        ),
+        f"{param}_count": len(contacts),
+    }
 
 
 async def _insert_rows_sqlite(
@@ -374,7 +405,7 @@ async def ensure_dialogs(
     connection = await session.connection()
     if connection.dialect.name == "postgresql":
         result = await connection.execute(
-            _PG_ENSURE_DIALOGS, {"rows": _contacts_json(unique), "now": now}
+            _PG_ENSURE_DIALOGS, {**_contacts_params("rows", unique), "now": now}
         )
         return {
             (direction_id, contact_key): DialogKeys(dialog_id, lead_id, direction_id)
@@ -446,7 +477,9 @@ async def ensure_dialogs_with_leads(
         rows = await dialogs_with_leads(session, [k.dialog_id for k in keys.values()])
         return {key: rows[k.dialog_id] for key, k in keys.items()}
     result = await driver.fetch_all(
-        connection, _PG_ENSURE_DIALOGS_WITH_LEADS, {"rows": _contacts_json(unique), "now": now}
+        connection,
+        _PG_ENSURE_DIALOGS_WITH_LEADS,
+        {**_contacts_params("rows", unique), "now": now},
     )
     found: dict[ContactKey, tuple[DialogSends, LeadIdentity]] = {}
     for row in result:
@@ -618,7 +651,13 @@ async def store_messages(
     connection = await session.connection()
     if connection.dialect.name == "postgresql":
         result = await connection.execute(
-            _PG_STORE_MESSAGES, {"rows": json_rows(rows), "now": now, "leads": sorted(clids_of)}
+            _PG_STORE_MESSAGES,
+            {
+                "rows": json_rows(rows),
+                "rows_count": len(rows),
+                "now": now,
+                "leads": sorted(clids_of),
+            },
         )
         stored: set[tuple[int, str]] = set()
         clids: dict[int, str] = {}
@@ -686,7 +725,8 @@ async def ingest_batch(
     result = await connection.execute(
         _PG_INGEST_BATCH,
         {
-            "contacts": _contacts_json(unique),
+            **_contacts_params("contacts", unique),
+            "messages_count": len(messages),
             "messages": json_rows(
                 {
                     "contact": ordinal[m.contact],
