@@ -120,9 +120,7 @@ async def _plans(stubs: Stubs) -> dict[str, str]:
             {
                 "ids": [17, 18],
                 "claims": json.dumps([{"id": 17, "e1": "plan-17"}, {"id": 18, "e1": "plan-18"}]),
-                "claims_count": 2,
                 "rows": json.dumps([log_row]),
-                "rows_count": 1,
                 "conditional": [True],
                 "now": now,
             },
