@@ -14,7 +14,7 @@ Environment (all optional):
   when smaller), within BENCH_RSS_SECONDS (30 x BENCH_SECONDS). BENCH_BURST: 10000 calls.
 - BENCH_CRM_DEALS: deals in the mass webhook, 1000. BENCH_CRM_RATE: see crm_server.py.
 - BENCH_SQLITE=1: also run ingest/send on SQLite.
-- BENCH_PROFILE: 1 when BENCH_SECONDS >= 5 (profiles of ingest and send_new);
+- BENCH_PROFILE: 1 when BENCH_SECONDS >= 5 (profiles of ingest, send_new, analyze_unchanged);
   BENCH_PROFILER=py-spy samples with py-spy (a dev dependency) from outside the server,
   BENCH_PROFILER=cprofile uses cProfile instead of bench.sampler.
 - BENCH_WRITE_README: 1 when BENCH_SECONDS >= 10 and BENCH_ONLY is not set (refresh the
@@ -85,6 +85,7 @@ PHONES = {
     "burst": 6_000_000,
     "profile_ingest": 7_000_000,
     "profile_send_new": 8_000_000,
+    "profile_analyze_unchanged": 8_800_000,
     "sqlite": 9_000_000,
 }
 # AnalyzeDialog calls waiting on the slow LLM at once, beside the send_dup load.
@@ -485,6 +486,41 @@ class Bench:
             say(f"bench: step {name} failed: {exc}")
         say(f"bench: -- {name} took {time.monotonic() - started:.0f}s")
 
+    def analyzed_dialogs(
+        self, target: str, wa_params: dict[str, Any], phone_base: int, dialogs: int = 200
+    ) -> tuple[list[int], LoadResult]:
+        """Dialogs with two client messages each, analysed once (LLM): what AnalyzeDialog
+        "unchanged" then asks about. Returns their ids and the first analysis' load."""
+        drive(
+            [
+                self.spec(
+                    "analyze_prep_ingest",
+                    target,
+                    "ingest",
+                    {**wa_params, "phone_base": phone_base, "messages_per_dialog": 2},
+                    max_calls=dialogs * 2,
+                    seconds=120,
+                    warmup_seconds=0,
+                )
+            ]
+        )
+        dialog_ids = dialogs_of_phones(self.db_url, phone_base, dialogs)
+        (first,) = drive(
+            [
+                self.spec(
+                    "analyze_prep",
+                    target,
+                    "analyze",
+                    {"dialog_ids": dialog_ids},
+                    max_calls=len(dialog_ids),
+                    seconds=120,
+                    warmup_seconds=0,
+                    concurrency=16,
+                )
+            ]
+        )
+        return dialog_ids, first
+
     def core_scenarios(self, server: ServerProcess, stubs: Stubs, wa: WhatsAppSetup) -> None:
         assert self.fakes is not None
         target = server.target
@@ -537,36 +573,7 @@ class Bench:
         )
         self.report.summary["send_dup"] = f"{send_dup_ratio:.2f}"
 
-        # AnalyzeDialog: 200 dialogs with two client messages each, analysed once (LLM).
-        dialogs = 200
-        drive(
-            [
-                self.spec(
-                    "analyze_prep_ingest",
-                    target,
-                    "ingest",
-                    {**wa_params, "phone_base": PHONES["analyze"], "messages_per_dialog": 2},
-                    max_calls=dialogs * 2,
-                    seconds=120,
-                    warmup_seconds=0,
-                )
-            ]
-        )
-        dialog_ids = dialogs_of_phones(self.db_url, PHONES["analyze"], dialogs)
-        (first,) = drive(
-            [
-                self.spec(
-                    "analyze_prep",
-                    target,
-                    "analyze",
-                    {"dialog_ids": dialog_ids},
-                    max_calls=len(dialog_ids),
-                    seconds=120,
-                    warmup_seconds=0,
-                    concurrency=16,
-                )
-            ]
-        )
+        dialog_ids, first = self.analyzed_dialogs(target, wa_params, PHONES["analyze"])
         llm_before = self.fakes.stats()["llm_requests"]
         analyze = self.measure_bracketed(
             self.spec("analyze_unchanged", target, "analyze", {"dialog_ids": dialog_ids})
@@ -974,7 +981,7 @@ class Bench:
             self.stop_server(server)
 
     def profile(self, wa: WhatsAppSetup) -> None:
-        """Profile ingest and send_new in their own server process each.
+        """Profile ingest, send_new and analyze_unchanged in their own server process each.
 
         BENCH_PROFILER: `sampler` (default; bench.sampler, inclusive times that survive
         SQLAlchemy's greenlets), `py-spy` (samples from outside the process), or
@@ -989,7 +996,11 @@ class Bench:
             self.skip("profile", "BENCH_PROFILER=py-spy but py-spy is not installed")
             return
         RESULTS_DIR.mkdir(exist_ok=True)
-        for name, kind in (("ingest", "ingest"), ("send_new", "send")):
+        for name, kind in (
+            ("ingest", "ingest"),
+            ("send_new", "send"),
+            ("analyze_unchanged", "analyze"),
+        ):
             out = self.workdir / f"profile_{name}.{'prof' if profiler == 'cprofile' else 'json'}"
             args = {
                 "cprofile": ["-m", "cProfile", "-o", str(out), "-m", "capi_server", "serve"],
@@ -999,7 +1010,14 @@ class Bench:
             self.watched["server"] = server.pid
             spy: subprocess.Popen[bytes] | None = None
             raw = self.workdir / f"profile_{name}.py-spy.txt"
+            load = {**params, "phone_base": PHONES[f"profile_{name}"]}
             try:
+                if kind == "analyze":  # the dialogs, analysed once, before profiling starts
+                    load = {
+                        "dialog_ids": self.analyzed_dialogs(
+                            server.target, params, load["phone_base"]
+                        )[0]
+                    }
                 if profiler == "sampler":
                     os.kill(server.pid, signal.SIGUSR1)
                 if profiler == "py-spy":
@@ -1019,7 +1037,7 @@ class Bench:
                         f"profiled_{name}",
                         server.target,
                         kind,
-                        {**params, "phone_base": PHONES[f"profile_{name}"]},
+                        load,
                     ),
                     note=f"under {profiler} (slower), not a target figure",
                 )
