@@ -204,7 +204,7 @@ def hot_queries(
         HotQuery(
             "IngestMessage batch in one statement (one existing contact, one new)",
             "dialogs_repo.ingest_batch (IngestMessage batch without click ids, autocommit)",
-            _psycopg_sql(dialogs_repo._PG_INGEST_BATCH),
+            dialogs_repo._PG_INGEST_BATCH,
             {
                 "contacts": json.dumps(contacts),
                 "contacts_count": len(contacts),

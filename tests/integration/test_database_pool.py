@@ -1,16 +1,24 @@
-"""The connection pool: an idle connection the database closed is replaced unseen; a busy
-one that breaks fails its statement with an error the server maps to UNAVAILABLE."""
+"""The connection pools (the engine's, and the autocommit pool of the hot statements): an
+idle connection the database closed is replaced unseen; a busy one that breaks fails its
+statement with an error the server maps to UNAVAILABLE."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from capi_server.adapters.db import database, dialogs_repo
 from capi_server.adapters.db.database import Database, create_engine, is_transient_db_error
+from capi_server.adapters.db.driver import AutocommitPool
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.reliability.support import terminate_backends
 
@@ -85,3 +93,166 @@ async def test_a_lost_connection_under_a_driver_level_query_is_transient(
             await dialogs_repo.dialog_states(connection, [1])
     assert is_transient_db_error(failed.value)
     assert await backend_pid(engine) != first
+
+
+# -- the autocommit pool (driver.AutocommitPool) -----------------------------------------
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    url = create_pg_database("capi_pool")
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+def autocommit_pool(url: str, **overrides: Any) -> AutocommitPool:
+    options: dict[str, Any] = {
+        "max_size": 2,
+        "ping_after_idle": 3600.0,
+        "ping_all_after_loss": 30.0,
+        **overrides,
+    }
+    return AutocommitPool(
+        make_url(url).set(drivername="postgresql").render_as_string(False), **options
+    )
+
+
+async def pool_pid(pool: AutocommitPool, sleep: float = 0.0) -> int:
+    ((pid, _),) = await pool.fetch_all(
+        "SELECT pg_backend_pid(), pg_sleep(%(sleep)s)", {"sleep": sleep}
+    )
+    return int(pid)
+
+
+async def test_the_autocommit_pool_reuses_one_connection_and_commits_each_statement(
+    pg_url: str,
+) -> None:
+    pool = autocommit_pool(pg_url)
+    try:
+        await pool.fetch_all("CREATE TABLE t (n int)", {})
+        await pool.fetch_all("INSERT INTO t VALUES (%(n)s)", {"n": 7})
+        assert await pool_pid(pool) == await pool_pid(pool)
+        assert pool.open_connections == 1
+        # Committed: another connection sees the row.
+        with psycopg.connect(
+            make_url(pg_url).set(drivername="postgresql").render_as_string(False)
+        ) as other:
+            assert other.execute("SELECT n FROM t").fetchall() == [(7,)]
+    finally:
+        await pool.aclose()
+    assert pool.open_connections == 0
+
+
+async def test_the_autocommit_pool_opens_at_most_max_size_connections(pg_url: str) -> None:
+    pool = autocommit_pool(pg_url, max_size=2)
+    try:
+        pids = await asyncio.gather(*(pool_pid(pool, sleep=0.05) for _ in range(6)))
+        assert len(set(pids)) == 2
+        assert pool.open_connections == 2
+    finally:
+        await pool.aclose()
+
+
+async def test_a_caller_that_waits_too_long_for_a_connection_gets_a_transient_error(
+    pg_url: str,
+) -> None:
+    pool = autocommit_pool(pg_url, max_size=1, timeout=0.2)
+    try:
+        busy = asyncio.create_task(pool_pid(pool, sleep=1.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(PoolTimeoutError) as failed:
+            await pool_pid(pool)
+        assert is_transient_db_error(failed.value)
+        await busy
+        await pool_pid(pool)  # free again
+    finally:
+        await pool.aclose()
+
+
+async def test_a_statement_error_keeps_the_connection_and_is_not_transient(
+    pg_url: str,
+) -> None:
+    pool = autocommit_pool(pg_url)
+    try:
+        first = await pool_pid(pool)
+        with pytest.raises(DBAPIError) as failed:
+            await pool.fetch_all("SELECT 1 / 0", {})
+        assert isinstance(failed.value.orig, psycopg.errors.DivisionByZero)
+        assert not is_transient_db_error(failed.value)
+        assert await pool_pid(pool) == first
+    finally:
+        await pool.aclose()
+
+
+async def test_a_connection_lost_under_the_autocommit_pool_is_transient_then_replaced(
+    pg_url: str,
+) -> None:
+    pool = autocommit_pool(pg_url)
+    try:
+        first = await pool_pid(pool)
+        assert terminate_backends(pg_url) == 1
+        # Used a moment ago: not pinged, so its statement fails, with a transient error.
+        with pytest.raises(DBAPIError) as failed:
+            await pool_pid(pool)
+        assert is_transient_db_error(failed.value)
+        second = await pool_pid(pool)
+        assert second != first
+        # A connection was lost moments ago: every use is pinged, so this one is
+        # replaced unseen.
+        assert terminate_backends(pg_url) == 1
+        assert await pool_pid(pool) not in (first, second)
+        assert pool.open_connections == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_an_idle_autocommit_connection_closed_by_the_database_is_replaced(
+    pg_url: str,
+) -> None:
+    pool = autocommit_pool(pg_url, ping_after_idle=0.0)
+    try:
+        first = await pool_pid(pool)
+        assert terminate_backends(pg_url) == 1
+        assert await pool_pid(pool) != first
+    finally:
+        await pool.aclose()
+
+
+async def test_a_statement_cancelled_midway_does_not_leave_its_connection_in_the_pool(
+    pg_url: str,
+) -> None:
+    pool = autocommit_pool(pg_url, max_size=1)
+    try:
+        first = await pool_pid(pool)
+        slow = asyncio.create_task(pool_pid(pool, sleep=5.0))
+        await asyncio.sleep(0.2)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert pool.open_connections == 0
+        assert await pool_pid(pool) != first
+    finally:
+        await pool.aclose()
+
+
+async def test_database_dispose_closes_the_autocommit_connections(pg_url: str) -> None:
+    db = Database(create_engine(pg_url))
+    assert db.autocommit_pool is not None
+    await db.autocommit_pool.fetch_all("SELECT 1", {})
+    assert backends(pg_url) == 1
+    await db.dispose()
+    assert backends(pg_url) == 0
+
+
+def backends(url: str) -> int:
+    """Connections to the database, other than the one asking."""
+    parsed = make_url(url)
+    with psycopg.connect(parsed.set(drivername="postgresql").render_as_string(False)) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (parsed.database,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])

@@ -78,7 +78,7 @@ async def _plans(stubs: Stubs) -> dict[str, str]:
     ]
     statements = {
         "ingest_batch": (
-            dialogs_repo._PG_INGEST_BATCH.text,
+            dialogs_repo._PG_INGEST_BATCH_TEXT.text,
             {
                 "contacts": json.dumps(contacts),
                 "contacts_count": len(contacts),

@@ -1037,15 +1037,14 @@ class SenderService:
                     (event.log_id, event.dialog_id, event.level)
                 )
         if (
-            self.db.dialect == "postgresql"
+            self.db.autocommit_pool is not None  # PostgreSQL
             and len(accepted) == 1
             and all(isinstance(result, GraphSuccess) for _, result in results)
         ):
             # All accepted by one Graph request (the usual case): one statement, atomic on
             # its own, with no transaction around it.
             ((success, items),) = accepted.values()
-            async with self.db.autocommit() as connection:
-                await events_repo.mark_success(connection, items, dict(success.raw), now)
+            await events_repo.mark_success(self.db.autocommit_pool, items, dict(success.raw), now)
             return self._recorded(results, [], now)
         outcomes: list[EventOutcome] = []
         async with self.db.session() as session:

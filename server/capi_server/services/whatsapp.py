@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 
 from capi_server.adapters.db import dialogs_repo
 from capi_server.adapters.db.database import Database, is_lock_conflict, is_transient_db_error
+from capi_server.adapters.db.driver import AutocommitPool
 from capi_server.adapters.db.events_repo import db_text
 from capi_server.adapters.db.orm import (
     DialogAnalysisRow,
@@ -269,14 +270,14 @@ class WhatsAppService:
         """A batch of messages: on PostgreSQL one self-committing statement when the
         batch allows it (see _store_in_one_statement), else one transaction of a few
         statements whatever the number of messages."""
-        if self.db.dialect == "postgresql":
-            stored = await self._store_in_one_statement(queued)
+        if self.db.autocommit_pool is not None:  # PostgreSQL
+            stored = await self._store_in_one_statement(self.db.autocommit_pool, queued)
             if stored is not None:
                 return stored
         return await self._store_in_transaction(queued)
 
     async def _store_in_one_statement(
-        self, queued: list[_QueuedMessage]
+        self, pool: AutocommitPool, queued: list[_QueuedMessage]
     ) -> list[IngestResult | Exception] | None:
         """dialogs_repo.ingest_batch: one round trip for the whole batch (when its
         directions are cached). None (nothing written) when a message carries a click id
@@ -320,10 +321,9 @@ class WhatsAppService:
             keyed.append((i, key, message))
             results.append(IngestResult())
         if contacts:
-            async with self.db.autocommit() as connection:
-                written = await dialogs_repo.ingest_batch(
-                    connection, list(contacts.values()), list(messages.values()), now=now
-                )
+            written = await dialogs_repo.ingest_batch(
+                pool, list(contacts.values()), list(messages.values()), now=now
+            )
         else:
             written = dialogs_repo.IngestedBatch({}, set(), {})
         for (_, contact_key), ensured in written.dialogs.items():
@@ -492,8 +492,11 @@ class WhatsAppService:
         self, dialog_ids: list[int]
     ) -> list[dialogs_repo.DialogState | Exception]:
         """The dialog states of concurrent AnalyzeDialog calls, in one query."""
-        async with self.db.autocommit() as connection:
-            states = await dialogs_repo.dialog_states(connection, dialog_ids)
+        if self.db.autocommit_pool is not None:
+            states = await dialogs_repo.dialog_states(self.db.autocommit_pool, dialog_ids)
+        else:
+            async with self.db.autocommit() as connection:
+                states = await dialogs_repo.dialog_states(connection, dialog_ids)
         return [
             states.get(dialog_id)
             or NotFound(f"dialog {dialog_id} not found", reason="DIALOG_NOT_FOUND")

@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session
 
+from capi_server.adapters.db.driver import AutocommitPool
+
 _PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
 
@@ -184,6 +186,18 @@ class Database:
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         # Read-only batches need no transaction: no BEGIN and no ROLLBACK round trips.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # PostgreSQL: the hot one-statement batches run on connections that stay in
+        # autocommit mode (driver.AutocommitPool), as many at most as the engine keeps.
+        self.autocommit_pool = (
+            AutocommitPool(
+                engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                max_size=engine.pool.size(),  # type: ignore[attr-defined]
+                ping_after_idle=PING_AFTER_IDLE_SECONDS,
+                ping_all_after_loss=PING_ALL_AFTER_DISCONNECT_SECONDS,
+            )
+            if self.dialect == "postgresql"
+            else None
+        )
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
@@ -211,4 +225,6 @@ class Database:
         return True
 
     async def dispose(self) -> None:
+        if self.autocommit_pool is not None:
+            await self.autocommit_pool.aclose()
         await self.engine.dispose()

@@ -278,7 +278,7 @@ _SENT_AT_INDEXES = tuple(
 # not in the answer, and the caller stores their messages with the two-statement path.
 # The messages go in after every lead and dialog (the sort reads `resolved` whole first),
 # in (dialog, message) order, so that concurrent statements take their locks alike.
-_PG_INGEST_BATCH = text(
+_PG_INGEST_BATCH_TEXT = text(
     f"WITH contacts AS ({_CONTACTS_JSON.format(param='contacts')}), "
     "msgs AS (SELECT * FROM json_to_recordset(CAST(:messages AS json)) AS m(contact bigint, "
     "message_id text, from_me boolean, text text, message_type text, sent_at timestamptz) "
@@ -318,6 +318,7 @@ _PG_INGEST_BATCH = text(
     "SELECT r.ord, r.id, r.lead_id, r.ctwa_clid, s.message_id FROM resolved AS r "
     "LEFT JOIN stored AS s ON s.dialog_id = r.id"
 )
+_PG_INGEST_BATCH = driver.psycopg_text(_PG_INGEST_BATCH_TEXT)
 
 
 def _in_key_order(contacts: Sequence[NewContact]) -> list[NewContact]:
@@ -591,14 +592,15 @@ _DIALOG_STATE_TIMES = tuple(
 
 
 async def dialog_states(
-    connection: AsyncConnection, dialog_ids: Collection[int]
+    on: AsyncConnection | driver.AutocommitPool, dialog_ids: Collection[int]
 ) -> dict[int, DialogState]:
-    """The states of the dialogs that exist, in one query (no ORM objects: read only)."""
+    """The states of the dialogs that exist, in one query (no ORM objects: read only), on
+    a SQLAlchemy connection or (PostgreSQL) the autocommit pool."""
     ids = sorted(set(dialog_ids))
-    if connection.dialect.name != "postgresql":
-        rows = await connection.execute(_DIALOG_STATES, {"ids": ids})
+    if isinstance(on, AsyncConnection) and on.dialect.name != "postgresql":
+        rows = await on.execute(_DIALOG_STATES, {"ids": ids})
         return {row.id: DialogState(*row) for row in rows}
-    fetched = await driver.fetch_all(connection, _PG_DIALOG_STATES, {"ids": ids})
+    fetched = await driver.fetch_all(on, _PG_DIALOG_STATES, {"ids": ids})
     states: dict[int, DialogState] = {}
     for row in fetched:
         values = list(row)
@@ -706,14 +708,14 @@ class IngestedBatch:
 
 
 async def ingest_batch(
-    connection: AsyncConnection,
+    on: AsyncConnection | driver.AutocommitPool,
     contacts: Sequence[NewContact],
     messages: Sequence[ContactMessage],
     *,
     now: datetime,
 ) -> IngestedBatch:
-    """PostgreSQL, on an autocommit connection: ensure_dialogs and store_messages in one
-    statement that commits on its own. A contact whose lead or dialog another
+    """PostgreSQL, on the autocommit pool (or an autocommit connection): ensure_dialogs and
+    store_messages in one statement that commits on its own. A contact whose lead or dialog another
     transaction created meanwhile is left out of `dialogs`, and its messages are not
     stored: store them with ensure_dialogs and store_messages.
 
@@ -722,7 +724,8 @@ async def ingest_batch(
     distinct per (contact, message_id): a new dialog's counters are counted from them."""
     unique = _in_key_order(contacts)
     ordinal = {c.key: i for i, c in enumerate(unique, start=1)}
-    result = await connection.execute(
+    result = await driver.fetch_all(
+        on,
         _PG_INGEST_BATCH,
         {
             **_contacts_params("contacts", unique),

@@ -274,24 +274,26 @@ _PG_MARK_SENT = driver.psycopg_text(_PG_MARK_SENT_TEXT)
 
 
 async def mark_success(
-    executor: AsyncSession | AsyncConnection,
+    executor: AsyncSession | AsyncConnection | driver.AutocommitPool,
     sent: Sequence[tuple[int, int, Level]],
     response: dict[str, Any],
     now: datetime,
 ) -> None:
     """Record (log_id, dialog_id, level) items accepted by one Graph request: on PostgreSQL
-    in one statement (so an autocommit connection will do), on SQLite one UPDATE of their
-    log rows and one per level of their dialogs."""
+    in one statement (so the autocommit pool will do), on SQLite one UPDATE of their log
+    rows and one per level of their dialogs."""
     if not sent:
         return
     log_ids = sorted(log_id for log_id, _, _ in sent)
     by_level = {
         level: sorted(dialog_id for _, dialog_id, lvl in sent if lvl is level) for level in Level
     }
-    connection = executor if isinstance(executor, AsyncConnection) else await executor.connection()
-    if connection.dialect.name == "postgresql":
+    on: AsyncConnection | driver.AutocommitPool = (
+        await executor.connection() if isinstance(executor, AsyncSession) else executor
+    )
+    if isinstance(on, driver.AutocommitPool) or on.dialect.name == "postgresql":
         await driver.fetch_all(
-            connection,
+            on,
             _PG_MARK_SENT,
             {
                 "status": EventStatus.SUCCESS.value,
@@ -303,7 +305,7 @@ async def mark_success(
             },
         )
         return
-    await connection.execute(
+    await on.execute(
         update(CapiEventLogRow)
         .where(CapiEventLogRow.id.in_(log_ids))
         .values(
@@ -323,7 +325,7 @@ async def mark_success(
     for level, dialog_ids in by_level.items():
         if not dialog_ids:
             continue
-        await connection.execute(
+        await on.execute(
             update(DialogAnalysisRow)
             .where(DialogAnalysisRow.id.in_(dialog_ids))
             .values(
