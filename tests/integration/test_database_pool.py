@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -107,6 +108,10 @@ async def pg_url() -> AsyncIterator[str]:
         drop_pg_database(url)
 
 
+def libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(False)
+
+
 def autocommit_pool(url: str, **overrides: Any) -> AutocommitPool:
     options: dict[str, Any] = {
         "max_size": 2,
@@ -114,9 +119,7 @@ def autocommit_pool(url: str, **overrides: Any) -> AutocommitPool:
         "ping_all_after_loss": 30.0,
         **overrides,
     }
-    return AutocommitPool(
-        make_url(url).set(drivername="postgresql").render_as_string(False), **options
-    )
+    return AutocommitPool({"conninfo": libpq(url)}, **options)
 
 
 async def pool_pid(pool: AutocommitPool, sleep: float = 0.0) -> int:
@@ -136,9 +139,7 @@ async def test_the_autocommit_pool_reuses_one_connection_and_commits_each_statem
         assert await pool_pid(pool) == await pool_pid(pool)
         assert pool.open_connections == 1
         # Committed: another connection sees the row.
-        with psycopg.connect(
-            make_url(pg_url).set(drivername="postgresql").render_as_string(False)
-        ) as other:
+        with psycopg.connect(libpq(pg_url)) as other:
             assert other.execute("SELECT n FROM t").fetchall() == [(7,)]
     finally:
         await pool.aclose()
@@ -241,18 +242,102 @@ async def test_database_dispose_closes_the_autocommit_connections(pg_url: str) -
     db = Database(create_engine(pg_url))
     assert db.autocommit_pool is not None
     await db.autocommit_pool.fetch_all("SELECT 1", {})
-    assert backends(pg_url) == 1
+    assert await backends(pg_url) == 1
     await db.dispose()
-    assert backends(pg_url) == 0
+    assert await backends(pg_url, until=0) == 0
 
 
-def backends(url: str) -> int:
-    """Connections to the database, other than the one asking."""
-    parsed = make_url(url)
-    with psycopg.connect(parsed.set(drivername="postgresql").render_as_string(False)) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (parsed.database,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+async def backends(url: str, until: int | None = None) -> int:
+    """Connections to the database, other than the one asking; waits up to 5 s for
+    `until` (a closed connection's backend exits a moment later)."""
+    count = -1
+    for _ in range(50):
+        with psycopg.connect(libpq(url)) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND pid <> pg_backend_pid()",
+                (make_url(url).database,),
+            ).fetchone()
+        assert row is not None
+        count = int(row[0])
+        if until is None or count == until:
+            break
+        await asyncio.sleep(0.1)
+    return count
+
+
+async def test_a_failed_connect_hands_its_slot_to_a_waiting_caller(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refuses the first connection while a second caller waits for a slot:
+    that caller opens one at once, not after its wait times out."""
+    pool = autocommit_pool(pg_url, max_size=1, timeout=2.0)
+    real_connect = psycopg.AsyncConnection.connect
+    attempts = 0
+
+    async def refuse_first(*args: Any, **kwargs: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await asyncio.sleep(0.2)
+            raise psycopg.OperationalError("connection refused")
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", refuse_first)
+    try:
+        first = asyncio.create_task(pool_pid(pool))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(pool_pid(pool))
+        with pytest.raises(DBAPIError) as refused:
+            await first
+        assert is_transient_db_error(refused.value)
+        await second  # without the hand-over: PoolTimeoutError after 2 s
+        assert pool.open_connections == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_a_caller_cancelled_as_it_is_handed_a_connection_passes_it_on(
+    pg_url: str,
+) -> None:
+    pool = autocommit_pool(pg_url, max_size=1, timeout=5.0)
+    try:
+        held = await pool._acquire()
+        cancelled = asyncio.create_task(pool._acquire())
+        next_in_line = asyncio.create_task(pool._acquire())
+        await asyncio.sleep(0.05)  # both wait
+        pool._release(held, keep=True)  # handed to the first waiter...
+        cancelled.cancel()  # ...which gives up before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await asyncio.wait_for(next_in_line, 1.0) is held
+        assert pool.open_connections == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_a_connection_lost_by_the_engine_makes_the_autocommit_pool_ping(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine and the autocommit pool share the lost-connection clock: after the
+    engine found a connection dropped, the pool pings its own before use."""
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)
+    db = Database(create_engine(pg_url, pool_size=1))
+    assert db.autocommit_pool is not None
+    try:
+        await backend_pid(db.engine)
+        first = await pool_pid(db.autocommit_pool)
+        assert terminate_backends(pg_url) == 2
+        with pytest.raises(Exception) as failed:
+            await backend_pid(db.engine)
+        assert is_transient_db_error(failed.value)
+        # Used a moment ago, yet pinged (the engine lost a connection): replaced unseen.
+        assert await pool_pid(db.autocommit_pool) != first
+    finally:
+        await db.dispose()
+
+
+async def test_sqlite_has_no_autocommit_pool(tmp_path: Path) -> None:
+    db = Database(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'capi.db'}"))
+    assert db.autocommit_pool is None
+    await db.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session
 
-from capi_server.adapters.db.driver import AutocommitPool
+from capi_server.adapters.db.driver import AutocommitPool, RecentLosses
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,8 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     engine = create_async_engine(
         url, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
     )
-    _ping_before_use(engine)
+    _LOSSES[engine.sync_engine] = losses = RecentLosses()
+    _ping_before_use(engine, losses)
     return engine
 
 
@@ -96,16 +98,23 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 # because a database that dropped one connection may have dropped the others.
 PING_AFTER_IDLE_SECONDS = 2.0
 PING_ALL_AFTER_DISCONNECT_SECONDS = 30.0
+# The hot one-statement batches' connections (driver.AutocommitPool), beside the engine's:
+# its users are batchers (one ingest batch, one AnalyzeDialog read, one record per pixel
+# at a time), each statement a few milliseconds.
+AUTOCOMMIT_POOL_SIZE = 4
+
+# The lost-connection clock of each engine made by create_engine, which the autocommit
+# pool shares.
+_LOSSES: weakref.WeakKeyDictionary[Engine, RecentLosses] = weakref.WeakKeyDictionary()
 
 
-def _ping_before_use(engine: AsyncEngine) -> None:
+def _ping_before_use(engine: AsyncEngine, losses: RecentLosses) -> None:
     dialect = engine.dialect
-    last_disconnect = [float("-inf")]
 
     @event.listens_for(engine.sync_engine, "invalidate")
     def _on_invalidate(_dbapi_connection: Any, _record: Any, _exception: Any) -> None:
         # A connection found broken (by SQLAlchemy, a ping, or a query run on the driver).
-        last_disconnect[0] = time.monotonic()
+        losses.lost()
 
     @event.listens_for(engine.sync_engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -117,7 +126,7 @@ def _ping_before_use(engine: AsyncEngine) -> None:
         now = time.monotonic()
         if idle_since is None:
             return  # just opened
-        recently_lost = now - last_disconnect[0] < PING_ALL_AFTER_DISCONNECT_SECONDS
+        recently_lost = losses.within(PING_ALL_AFTER_DISCONNECT_SECONDS)
         if now - idle_since < PING_AFTER_IDLE_SECONDS and not recently_lost:
             return
         try:
@@ -186,14 +195,15 @@ class Database:
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         # Read-only batches need no transaction: no BEGIN and no ROLLBACK round trips.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        # PostgreSQL: the hot one-statement batches run on connections that stay in
-        # autocommit mode (driver.AutocommitPool), as many at most as the engine keeps.
+        # PostgreSQL: the hot one-statement batches run on connections of their own that
+        # stay in autocommit mode, opened as the engine's are (its connect arguments).
         self.autocommit_pool = (
             AutocommitPool(
-                engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
-                max_size=engine.pool.size(),  # type: ignore[attr-defined]
+                engine.dialect.create_connect_args(engine.url)[1],
+                max_size=AUTOCOMMIT_POOL_SIZE,
                 ping_after_idle=PING_AFTER_IDLE_SECONDS,
                 ping_all_after_loss=PING_ALL_AFTER_DISCONNECT_SECONDS,
+                losses=_LOSSES.get(engine.sync_engine),
             )
             if self.dialect == "postgresql"
             else None

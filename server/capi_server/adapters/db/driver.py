@@ -73,6 +73,25 @@ def _dbapi_error(statement: str, exc: psycopg.Error, broken: bool) -> StatementE
     )
 
 
+class RecentLosses:
+    """When a connection to the database was last found lost. The engine's pool and the
+    autocommit pool share one: a database that dropped a connection of either may have
+    dropped the others, so for a while both ping every connection before use."""
+
+    def __init__(self) -> None:
+        self._last = float("-inf")
+
+    def lost(self) -> None:
+        self._last = time.monotonic()
+
+    def within(self, seconds: float) -> bool:
+        return time.monotonic() - self._last < seconds
+
+
+# What a waiter is handed: a connection, or (None) the slot of one it may open.
+_Handed = psycopg.AsyncConnection[Any] | None
+
+
 class AutocommitPool:
     """Up to `max_size` psycopg connections in autocommit mode, opened when first needed,
     for the statements that commit on their own (IngestMessage's batch, AnalyzeDialog's
@@ -83,30 +102,30 @@ class AutocommitPool:
     round trip (~150 us each): these connections never leave autocommit mode, so a
     checkout is a list pop. As the engine's pool does (`database._ping_before_use`), a
     connection idle for `ping_after_idle` seconds is pinged before use, and every one is
-    while a connection was lost in the last `ping_all_after_loss` seconds. A caller waits
-    at most `timeout` seconds for a connection when all are busy.
+    while `losses` saw a lost connection in the last `ping_all_after_loss` seconds. When
+    all are busy, callers queue in arrival order (a released connection, or the slot of
+    a closed one, is handed to the first) for at most `timeout` seconds.
     """
 
     def __init__(
         self,
-        conninfo: str,
+        connect_kwargs: Mapping[str, Any],
         *,
         max_size: int,
         ping_after_idle: float,
         ping_all_after_loss: float,
+        losses: RecentLosses | None = None,
         timeout: float = 30.0,
-        connect_timeout: int = 10,
     ) -> None:
-        self._conninfo = conninfo
-        self._max_size = max_size
+        self._connect_kwargs = dict(connect_kwargs)
+        self._max_size = max(1, max_size)
         self._ping_after_idle = ping_after_idle
         self._ping_all_after_loss = ping_all_after_loss
+        self._losses = losses or RecentLosses()
         self._timeout = timeout
-        self._connect_timeout = connect_timeout
         self._idle: list[tuple[psycopg.AsyncConnection[Any], float]] = []  # (conn, idle since)
-        self._open = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._last_loss = float("-inf")
+        self._open = 0  # connections open or being opened, and slots handed to waiters
+        self._waiters: deque[asyncio.Future[_Handed]] = deque()
         self._closed = False
 
     @property
@@ -120,104 +139,127 @@ class AutocommitPool:
             rows = await _rows(connection, statement, params)
         except psycopg.Error as exc:
             broken = connection.closed or connection.broken
-            await self._release(connection, keep=not broken, lost=broken)
+            self._release(connection, keep=not broken, lost=broken)
             raise _dbapi_error(statement, exc, broken) from exc
         except BaseException:
             # Cancelled in the middle of a round trip: what the connection would read next
             # is unknown, so it is not reused.
-            await self._release(connection, keep=False)
+            self._release(connection, keep=False)
             raise
-        await self._release(connection, keep=True)
+        self._release(connection, keep=True)
         return rows
 
     async def aclose(self) -> None:
-        """Closes the idle connections now and the busy ones when they are released."""
+        """Closes the idle connections now and the busy ones when they are released;
+        callers still waiting get the pool's TimeoutError."""
         self._closed = True
         idle, self._idle = self._idle, []
         for connection, _ in idle:
             self._open -= 1
             await connection.close()
-        for waiter in self._waiters:
+        while self._waiters:
+            waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_exception(PoolTimeoutError("the autocommit pool is closed"))
 
     async def _acquire(self) -> psycopg.AsyncConnection[Any]:
         deadline = time.monotonic() + self._timeout
         while True:
             if self._closed:
                 raise PoolTimeoutError("the autocommit pool is closed")
+            handed: _Handed
             if self._idle:
-                connection, idle_since = self._idle.pop()  # the most recently used
-                now = time.monotonic()
-                if (
-                    now - idle_since < self._ping_after_idle
-                    and now - self._last_loss >= self._ping_all_after_loss
-                ):
-                    return connection
-                if await self._ping(connection):
-                    return connection
-                continue  # dropped: take or open another
-            if self._open < self._max_size:
+                handed, idle_since = self._idle.pop()  # the most recently used
+            elif self._open < self._max_size:
+                self._open += 1
+                handed, idle_since = None, 0.0
+            else:
+                handed, idle_since = await self._wait(deadline), time.monotonic()
+            if handed is None:
                 return await self._connect()
-            await self._wait(deadline)
+            if not self._needs_ping(idle_since) or await self._ping(handed):
+                return handed
+            # Dropped: take or open another.
+
+    def _needs_ping(self, idle_since: float) -> bool:
+        return time.monotonic() - idle_since >= self._ping_after_idle or self._losses.within(
+            self._ping_all_after_loss
+        )
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        self._open += 1
+        """Opens a connection in a slot already counted in `_open`."""
         try:
-            return await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
-            )
+            return await psycopg.AsyncConnection.connect(**self._connect_kwargs, autocommit=True)
         except psycopg.Error as exc:
-            self._open -= 1
-            self._last_loss = time.monotonic()
-            raise _dbapi_error("connect", exc, True) from exc
+            # Unreachable or refused: may pass on retry. Bad settings (a malformed
+            # address) will not.
+            unreachable = isinstance(exc, psycopg.OperationalError)
+            if unreachable:
+                self._losses.lost()
+            self._hand_over(None)
+            raise _dbapi_error("connect", exc, unreachable) from exc
         except BaseException:
-            self._open -= 1
+            self._hand_over(None)
             raise
 
     async def _ping(self, connection: psycopg.AsyncConnection[Any]) -> bool:
         try:
             await connection.execute("SELECT 1")
         except psycopg.Error:
-            await self._release(connection, keep=False, lost=True)
+            self._release(connection, keep=False, lost=True)
             return False
         except BaseException:
-            await self._release(connection, keep=False)
+            self._release(connection, keep=False)
             raise
         return True
 
-    async def _wait(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise PoolTimeoutError(
-                f"all {self._max_size} autocommit connections stayed busy for {self._timeout:g} s"
-            )
-        waiter = asyncio.get_running_loop().create_future()
+    async def _wait(self, deadline: float) -> _Handed:
+        waiter: asyncio.Future[_Handed] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, remaining)
-        except TimeoutError:
-            pass  # the loop above raises
-        finally:
-            if waiter in self._waiters:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a connection (or a slot) just as this caller gave up: pass it on.
+                self._hand_over(waiter.result())
+            elif waiter in self._waiters:
                 self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise PoolTimeoutError(
+                    f"all {self._max_size} autocommit connections stayed busy "
+                    f"for {self._timeout:g} s"
+                ) from None
+            raise
 
-    async def _release(
+    def _release(
         self, connection: psycopg.AsyncConnection[Any], *, keep: bool, lost: bool = False
     ) -> None:
-        """Back to the idle list (`keep`), or closed; `lost`: the database dropped it."""
+        """Back to the pool (`keep`), or closed; `lost`: the database dropped it."""
         if lost:
-            self._last_loss = time.monotonic()
+            self._losses.lost()
         if keep and not self._closed and not connection.broken and not connection.closed:
-            self._idle.append((connection, time.monotonic()))
-        else:
-            self._open -= 1
-            await connection.close()
+            self._hand_over(connection)
+            return
+        # close() of an async connection does not wait: it closes the socket now.
+        connection.pgconn.finish()
+        self._hand_over(None)
+
+    def _hand_over(self, handed: _Handed) -> None:
+        """A connection, or (None) the slot of one, to the first caller waiting; else the
+        connection goes to the idle list, or the slot is freed."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                break
+                waiter.set_result(handed)
+                return
+        if handed is None:
+            self._open -= 1
+        elif self._closed:
+            self._open -= 1
+            handed.pgconn.finish()
+        else:
+            self._idle.append((handed, time.monotonic()))
 
 
 def utc(value: datetime | None) -> datetime | None:
