@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +113,20 @@ def libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(False)
 
 
-def autocommit_pool(url: str, **overrides: Any) -> AutocommitPool:
+@asynccontextmanager
+async def autocommit_pool(url: str, **overrides: Any) -> AsyncIterator[AutocommitPool]:
+    """A pool of the test database's connections, closed on leaving."""
     options: dict[str, Any] = {
         "max_size": 2,
         "ping_after_idle": 3600.0,
         "ping_all_after_loss": 30.0,
         **overrides,
     }
-    return AutocommitPool({"conninfo": libpq(url)}, **options)
+    pool = AutocommitPool({"conninfo": libpq(url)}, **options)
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
 
 
 async def pool_pid(pool: AutocommitPool, sleep: float = 0.0) -> int:
@@ -132,8 +139,7 @@ async def pool_pid(pool: AutocommitPool, sleep: float = 0.0) -> int:
 async def test_the_autocommit_pool_reuses_one_connection_and_commits_each_statement(
     pg_url: str,
 ) -> None:
-    pool = autocommit_pool(pg_url)
-    try:
+    async with autocommit_pool(pg_url) as pool:
         await pool.fetch_all("CREATE TABLE t (n int)", {})
         await pool.fetch_all("INSERT INTO t VALUES (%(n)s)", {"n": 7})
         assert await pool_pid(pool) == await pool_pid(pool)
@@ -141,26 +147,20 @@ async def test_the_autocommit_pool_reuses_one_connection_and_commits_each_statem
         # Committed: another connection sees the row.
         with psycopg.connect(libpq(pg_url)) as other:
             assert other.execute("SELECT n FROM t").fetchall() == [(7,)]
-    finally:
-        await pool.aclose()
     assert pool.open_connections == 0
 
 
 async def test_the_autocommit_pool_opens_at_most_max_size_connections(pg_url: str) -> None:
-    pool = autocommit_pool(pg_url, max_size=2)
-    try:
+    async with autocommit_pool(pg_url, max_size=2) as pool:
         pids = await asyncio.gather(*(pool_pid(pool, sleep=0.05) for _ in range(6)))
         assert len(set(pids)) == 2
         assert pool.open_connections == 2
-    finally:
-        await pool.aclose()
 
 
 async def test_a_caller_that_waits_too_long_for_a_connection_gets_a_transient_error(
     pg_url: str,
 ) -> None:
-    pool = autocommit_pool(pg_url, max_size=1, timeout=0.2)
-    try:
+    async with autocommit_pool(pg_url, max_size=1, timeout=0.2) as pool:
         busy = asyncio.create_task(pool_pid(pool, sleep=1.0))
         await asyncio.sleep(0.1)
         with pytest.raises(PoolTimeoutError) as failed:
@@ -168,30 +168,24 @@ async def test_a_caller_that_waits_too_long_for_a_connection_gets_a_transient_er
         assert is_transient_db_error(failed.value)
         await busy
         await pool_pid(pool)  # free again
-    finally:
-        await pool.aclose()
 
 
 async def test_a_statement_error_keeps_the_connection_and_is_not_transient(
     pg_url: str,
 ) -> None:
-    pool = autocommit_pool(pg_url)
-    try:
+    async with autocommit_pool(pg_url) as pool:
         first = await pool_pid(pool)
         with pytest.raises(DBAPIError) as failed:
             await pool.fetch_all("SELECT 1 / 0", {})
         assert isinstance(failed.value.orig, psycopg.errors.DivisionByZero)
         assert not is_transient_db_error(failed.value)
         assert await pool_pid(pool) == first
-    finally:
-        await pool.aclose()
 
 
 async def test_a_connection_lost_under_the_autocommit_pool_is_transient_then_replaced(
     pg_url: str,
 ) -> None:
-    pool = autocommit_pool(pg_url)
-    try:
+    async with autocommit_pool(pg_url) as pool:
         first = await pool_pid(pool)
         assert terminate_backends(pg_url) == 1
         # Used a moment ago: not pinged, so its statement fails, with a transient error.
@@ -205,27 +199,21 @@ async def test_a_connection_lost_under_the_autocommit_pool_is_transient_then_rep
         assert terminate_backends(pg_url) == 1
         assert await pool_pid(pool) not in (first, second)
         assert pool.open_connections == 1
-    finally:
-        await pool.aclose()
 
 
 async def test_an_idle_autocommit_connection_closed_by_the_database_is_replaced(
     pg_url: str,
 ) -> None:
-    pool = autocommit_pool(pg_url, ping_after_idle=0.0)
-    try:
+    async with autocommit_pool(pg_url, ping_after_idle=0.0) as pool:
         first = await pool_pid(pool)
         assert terminate_backends(pg_url) == 1
         assert await pool_pid(pool) != first
-    finally:
-        await pool.aclose()
 
 
 async def test_a_statement_cancelled_midway_does_not_leave_its_connection_in_the_pool(
     pg_url: str,
 ) -> None:
-    pool = autocommit_pool(pg_url, max_size=1)
-    try:
+    async with autocommit_pool(pg_url, max_size=1) as pool:
         first = await pool_pid(pool)
         slow = asyncio.create_task(pool_pid(pool, sleep=5.0))
         await asyncio.sleep(0.2)
@@ -234,8 +222,6 @@ async def test_a_statement_cancelled_midway_does_not_leave_its_connection_in_the
             await slow
         assert pool.open_connections == 0
         assert await pool_pid(pool) != first
-    finally:
-        await pool.aclose()
 
 
 async def test_database_dispose_closes_the_autocommit_connections(pg_url: str) -> None:
@@ -271,7 +257,6 @@ async def test_a_failed_connect_hands_its_slot_to_a_waiting_caller(
 ) -> None:
     """The database refuses the first connection while a second caller waits for a slot:
     that caller opens one at once, not after its wait times out."""
-    pool = autocommit_pool(pg_url, max_size=1, timeout=2.0)
     real_connect = psycopg.AsyncConnection.connect
     attempts = 0
 
@@ -284,7 +269,7 @@ async def test_a_failed_connect_hands_its_slot_to_a_waiting_caller(
         return await real_connect(*args, **kwargs)
 
     monkeypatch.setattr(psycopg.AsyncConnection, "connect", refuse_first)
-    try:
+    async with autocommit_pool(pg_url, max_size=1, timeout=2.0) as pool:
         first = asyncio.create_task(pool_pid(pool))
         await asyncio.sleep(0.05)
         second = asyncio.create_task(pool_pid(pool))
@@ -293,15 +278,12 @@ async def test_a_failed_connect_hands_its_slot_to_a_waiting_caller(
         assert is_transient_db_error(refused.value)
         await second  # without the hand-over: PoolTimeoutError after 2 s
         assert pool.open_connections == 1
-    finally:
-        await pool.aclose()
 
 
 async def test_a_caller_cancelled_as_it_is_handed_a_connection_passes_it_on(
     pg_url: str,
 ) -> None:
-    pool = autocommit_pool(pg_url, max_size=1, timeout=5.0)
-    try:
+    async with autocommit_pool(pg_url, max_size=1, timeout=5.0) as pool:
         held = await pool._acquire()
         cancelled = asyncio.create_task(pool._acquire())
         next_in_line = asyncio.create_task(pool._acquire())
@@ -312,8 +294,6 @@ async def test_a_caller_cancelled_as_it_is_handed_a_connection_passes_it_on(
             await cancelled
         assert await asyncio.wait_for(next_in_line, 1.0) is held
         assert pool.open_connections == 1
-    finally:
-        await pool.aclose()
 
 
 async def test_a_connection_lost_by_the_engine_makes_the_autocommit_pool_ping(
