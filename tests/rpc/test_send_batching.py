@@ -462,3 +462,68 @@ async def test_ensure_dialogs_with_leads_reads_what_exists_and_makes_what_is_mis
     assert (new_dialog.capi_interest_event_id, new_dialog.capi_interest_sent) == (None, False)
     assert new_dialog.capi_interest_sent_at is None
     assert made[contact(3).key][1].email == "b@example.com"
+
+
+async def test_a_caller_that_gives_up_during_the_graph_request_leaves_its_event_recorded(
+    stubs: Stubs, graph: FakeGraph
+) -> None:
+    """The caller's deadline passes while its event is at Graph: the call ends with
+    DEADLINE_EXCEEDED, and the event is still sent once and recorded as sent."""
+    setup = await whatsapp_direction(stubs)
+    graph.set_delay(0.5)
+    request = pb.SendConversionRequest(
+        instance_name=setup.instance_name, contact_phone=phone(77), level=res.LEVEL_INTEREST
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stubs.sender.SendConversion(request, timeout=0.2)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    status = pb.GetDialogStatusRequest(instance_name=setup.instance_name, contact_phone=phone(77))
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        level = (await stubs.sender.GetDialogStatus(status)).levels[0]
+        if level.sent:
+            break
+    assert (level.level, level.sent, level.status) == (
+        res.LEVEL_INTEREST,
+        True,
+        res.EVENT_STATUS_SUCCESS,
+    )
+    assert len(graph.events()) == 1
+    graph.set_delay(0.0)
+    again = await stubs.sender.SendConversion(request)
+    assert [(e.outcome, e.reason) for e in again.events] == [
+        (res.SEND_OUTCOME_ALREADY_SENT, "already sent")
+    ]
+    assert len(graph.events()) == 1
+
+
+async def test_an_unconfirmed_delivery_answers_queued_and_leaves_the_row_pending(
+    stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graph accepted the event but recording it failed: the caller is told the event is
+    queued (the retry worker resends it; Meta deduplicates its event_id), not sent."""
+    setup = await whatsapp_direction(stubs)
+    service = stubs.app.sender
+
+    async def record_failing(results: Any) -> Any:
+        raise RuntimeError("the database went away while recording")
+
+    monkeypatch.setattr(service, "record", record_failing)
+    answer = await stubs.sender.SendConversion(
+        pb.SendConversionRequest(
+            instance_name=setup.instance_name, contact_phone=phone(78), level=res.LEVEL_INTEREST
+        )
+    )
+    assert [(e.outcome, e.reason) for e in answer.events] == [
+        (res.SEND_OUTCOME_QUEUED, "delivery not confirmed; the retry worker resends it")
+    ]
+    assert len(graph.events()) == 1
+    async with stubs.app.db.session() as session:
+        rows = (
+            await session.execute(
+                select(CapiEventLogRow.status).where(
+                    CapiEventLogRow.event_id == answer.events[0].event_id
+                )
+            )
+        ).all()
+    assert [status for (status,) in rows] == ["pending"]

@@ -618,10 +618,15 @@ class SenderService:
         for p in planned:
             if not isinstance(p, PlannedSend) or not p.deliveries:
                 continue
-            delivered = await asyncio.gather(
-                *(asyncio.shield(f) for f in p.deliveries), return_exceptions=True
-            )
-            for event, outcome in zip(p.claimed, delivered, strict=True):
+            # asyncio.wait, not gather: a caller cancelled here (deadline) leaves the
+            # futures to the drainer, which needs no shield per event.
+            await asyncio.wait(p.deliveries)
+            for event, future in zip(p.claimed, p.deliveries, strict=True):
+                outcome: EventOutcome | BaseException = (
+                    future.exception() or future.result()
+                    if not future.cancelled()
+                    else asyncio.CancelledError()
+                )
                 if isinstance(outcome, BaseException):
                     if not isinstance(outcome, Exception):
                         raise outcome
