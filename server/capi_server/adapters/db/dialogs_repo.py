@@ -708,14 +708,14 @@ class IngestedBatch:
 
 
 async def ingest_batch(
-    on: AsyncConnection | driver.AutocommitPool,
+    pool: driver.AutocommitPool,
     contacts: Sequence[NewContact],
     messages: Sequence[ContactMessage],
     *,
     now: datetime,
 ) -> IngestedBatch:
-    """PostgreSQL, on the autocommit pool (or an autocommit connection): ensure_dialogs and
-    store_messages in one statement that commits on its own. A contact whose lead or dialog another
+    """PostgreSQL, on the autocommit pool: ensure_dialogs and store_messages in one
+    statement that commits on its own. A contact whose lead or dialog another
     transaction created meanwhile is left out of `dialogs`, and its messages are not
     stored: store them with ensure_dialogs and store_messages.
 
@@ -725,7 +725,7 @@ async def ingest_batch(
     unique = _in_key_order(contacts)
     ordinal = {c.key: i for i, c in enumerate(unique, start=1)}
     result = await driver.fetch_all(
-        on,
+        pool,
         _PG_INGEST_BATCH,
         {
             **_contacts_params("contacts", unique),
