@@ -23,7 +23,7 @@ from capi_server.adapters import metrics
 from capi_server.adapters.llm import LlmUnavailable, OpenAiQualificationLlm
 from capi_server.domain.qualification import DialogMessage
 from capi_server.logs import ContextFilter, JsonFormatter
-from capi_server.rpc.interceptors import ServerInterceptor
+from capi_server.rpc.interceptors import GuardedServer, RpcGuard
 from capi_server.rpc.sender_servicer import SenderServicer
 from tests.builders import AD_TOKEN, pending_event, whatsapp_direction
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs
@@ -174,11 +174,12 @@ async def test_endpoint_is_off_by_default_and_stops_at_shutdown(
 async def test_a_handler_abort_is_counted_under_its_status_code() -> None:
     """SenderServicer without diagnostics aborts Diagnose with UNIMPLEMENTED itself."""
     seen: list[tuple[str, str]] = []
-    server = grpc.aio.server(
-        interceptors=[ServerInterceptor({}, observe=lambda m, c, _s: seen.append((m, c)))]
-    )
+    server = grpc.aio.server()
+    guard = RpcGuard({}, observe=lambda m, c, _s: seen.append((m, c)))
     sender: Any = None
-    pb_grpc.add_CapiSenderServiceServicer_to_server(SenderServicer(sender), server)
+    pb_grpc.add_CapiSenderServiceServicer_to_server(
+        SenderServicer(sender), GuardedServer(server, guard).as_server()
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -1,4 +1,4 @@
-"""Server wiring: servicers, health, reflection, interceptors; serve() with graceful stop."""
+"""Server wiring: servicers, health, reflection, the RPC guard; serve() with graceful stop."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from capi.v1 import (
 )
 from capi_server.adapters import metrics
 from capi_server.bootstrap import App
-from capi_server.rpc.interceptors import ServerInterceptor
+from capi_server.rpc.interceptors import GuardedServer, RpcGuard
 from capi_server.rpc.qualification_servicer import QualificationServicer
 from capi_server.rpc.sender_servicer import SenderServicer
 from capi_server.rpc.settings_servicer import SettingsServicer
@@ -80,13 +80,12 @@ async def _watch_database(app: App, servicer: health.aio.HealthServicer) -> None
 
 async def start_server(app: App, listen: str | None = None) -> RunningServer:
     settings = app.settings
-    interceptor = ServerInterceptor(
+    guard = RpcGuard(
         settings.auth_token_map(),
         max_in_flight=settings.max_concurrent_rpcs,
         observe=metrics.observe_rpc,
     )
     server = grpc.aio.server(
-        interceptors=[interceptor],
         # Refused in the transport before any Python runs: a burst cannot pile up calls.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
@@ -96,17 +95,21 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
+    # Every servicer is registered through the guard, which wraps its handlers once.
+    guarded = GuardedServer(server, guard).as_server()
     settings_service_pb2_grpc.add_SettingsServiceServicer_to_server(
-        SettingsServicer(app.settings_service, app.crm), server
+        SettingsServicer(app.settings_service, app.crm), guarded
     )
     qualification_service_pb2_grpc.add_QualificationServiceServicer_to_server(
-        QualificationServicer(app.whatsapp, app.crm), server
+        QualificationServicer(app.whatsapp, app.crm), guarded
     )
     capi_sender_service_pb2_grpc.add_CapiSenderServiceServicer_to_server(
-        SenderServicer(app.sender, app.diagnostics), server
+        SenderServicer(app.sender, app.diagnostics), guarded
     )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+    # The real server: reflection picks its aio servicer by the server's type, and its one
+    # RPC is a stream, which the guard leaves as it is.
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,

@@ -1,4 +1,10 @@
-"""One server interceptor for every unary RPC: request id, auth, load shedding, errors, logs."""
+"""One guard around every unary RPC: request id, auth, load shedding, errors, logs.
+
+The guard wraps each handler once, when its servicer is registered (`GuardedServer`), not
+per call: a grpc.aio `ServerInterceptor` runs a coroutine of its own for every call just to
+find the handler (12-15 us per call measured on an echo server), and this guard has
+nothing to decide before the handler is known.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,8 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import Message
@@ -25,9 +31,11 @@ log = logging.getLogger("capi_server.rpc")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 RpcObserver = Callable[[str, str, float], None]
+# A string: grpc.RpcMethodHandler is generic in the type stubs only.
+MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class RpcGuard:
     def __init__(
         self,
         tokens: Mapping[str, str],
@@ -40,8 +48,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._observe = observe
-        # method -> (the handler it wrapped, the wrapping handler): built once per method.
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def _authenticate(self, metadata: Any) -> str | None:
         header = ""
@@ -59,27 +65,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 caller = name
         return caller
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+    def wrap(self, method: str, handler: MethodHandler) -> MethodHandler:
+        """`handler` guarded; streaming handlers (reflection, health Watch) as they are."""
+        if handler.unary_unary is None:
             return handler
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapping = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapping)
-        return wrapping
-
-    def _wrap(
-        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
         inner: Any = handler.unary_unary
         open_method = method.startswith(OPEN_PREFIXES)
 
@@ -174,6 +163,58 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _record(self, method: str, code: str, seconds: float) -> None:
         if self._observe is not None:
             self._observe(method, code, seconds)
+
+
+class GuardedServer:
+    """What the generated `add_*Servicer_to_server` functions call on a grpc.aio.Server,
+    with every handler wrapped by `guard` as it is registered. Pass it where they expect
+    the server (`as_server()`); serving, ports and shutdown stay on the server itself."""
+
+    def __init__(self, server: grpc.aio.Server, guard: RpcGuard) -> None:
+        self._server = server
+        self._guard = guard
+
+    def as_server(self) -> grpc.aio.Server:
+        # The generated functions only call the two methods below.
+        server: Any = self
+        return server  # type: ignore[no-any-return]
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_GuardedGenericHandler(handler, self._guard) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, MethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service_name,
+            {
+                name: self._guard.wrap(f"/{service_name}/{name}", handler)
+                for name, handler in method_handlers.items()
+            },
+        )
+
+
+class _GuardedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers come out guarded, each wrapped once."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, guard: RpcGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        # method -> (the handler it wrapped, the guarded handler); only methods that exist.
+        self._wrapped: dict[str, tuple[MethodHandler, MethodHandler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> MethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._guard.wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
 
 
 def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
