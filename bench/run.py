@@ -529,10 +529,10 @@ class Bench:
         self.echo_cps = self.echo_near = echo.calls_per_second
         self.report.rows[-1].ratio = 1.0
         self.report.summary["echo_cps"] = f"{self.echo_cps:.0f}"
-        # The capi server's own floor: its gRPC stack and interceptors, no work behind.
+        # The capi server's own floor: its gRPC stack and RPC guard, no work behind.
         health = self.measure_bracketed(
             self.spec("health", target, "health", {}),
-            note="grpc.health.v1 Check: this server's gRPC stack and interceptors, no work",
+            note="grpc.health.v1 Check: this server's gRPC stack and RPC guard, no work",
         )
         self.report.summary["health"] = f"{health:.2f}"
 
