@@ -1,7 +1,7 @@
 """Structured logging: the seed's lines as records with fields, text or JSON.
 
 Every record carries the request id and caller of the RPC it belongs to (contextvars set
-by the interceptor), so one RPC's records can be tied together.
+by the RPC guard), so one RPC's records can be tied together.
 """
 
 from __future__ import annotations

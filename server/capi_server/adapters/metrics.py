@@ -120,7 +120,7 @@ def _rpc_metrics(full_method: str, code: str) -> tuple[Any, Any]:
 
 
 def observe_rpc(full_method: str, code: str, seconds: float) -> None:
-    """The interceptor's observe hook: one finished (or refused) gRPC call."""
+    """The RPC guard's observe hook: one finished (or refused) gRPC call."""
     requests, duration = _rpc_metrics(full_method, code)
     requests.inc()
     duration.observe(seconds)

@@ -1,1 +1,1 @@
-"""Transport: gRPC servicers (parse, validate, map errors), server wiring, interceptors."""
+"""Transport: gRPC servicers (parse, validate, map errors), server wiring, the RPC guard."""
