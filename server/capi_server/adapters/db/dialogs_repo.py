@@ -158,8 +158,8 @@ _COUNT_ADDED = (
 # PostgreSQL: store_messages in one statement whatever the number of rows: the rows as one
 # JSON document (json_to_recordset; a multi-row VALUES list is new text for every batch
 # size); the dialogs of new client messages locked in id order (the order every batch locks
-# dialogs in), then their counters updated; every row the UPDATE changes passed the IN test,
-# so the `locked` CTE had locked it before.
+# dialogs in), then their counters updated (`_COUNT_ADDED`: every row the UPDATE changes
+# is one the `locked` CTE had locked before).
 _PG_STORE_MESSAGES = text(
     "WITH stored AS (INSERT INTO dialog_messages (dialog_id, message_id, from_me, text, "
     "message_type, sent_at, created_at) "
