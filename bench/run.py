@@ -418,7 +418,7 @@ class Bench:
         say(
             f"  {result.name:<26} {result.calls:>7} calls {result.calls_per_second:>8.1f}/s "
             f"p50 {result.p50_ms:>7.1f} ms p99 {result.p99_ms:>8.1f} ms ratio {ratio_text} "
-            f"cpu {cpu_text(cpu or {})}" + (f"  [{note}]" if note else "")
+            f"cpu {cpu_text(cpu or {}, result.calls_per_second)}" + (f"  [{note}]" if note else "")
         )
 
     def skip(self, scenario: str, why: str) -> None:
@@ -1133,8 +1133,10 @@ def profile_summary(path: Path, top: int = 30) -> str:
 # -- output ------------------------------------------------------------------------------
 
 
-def cpu_text(cpu: dict[str, float]) -> str:
-    """Cores used by the processes that did work (server, crm_server, echo, fakes, pg)."""
+def cpu_text(cpu: dict[str, float], calls_per_second: float = 0.0) -> str:
+    """Cores used by the processes that did work (server, crm_server, echo, fakes, pg);
+    for the server under test also its CPU per call, which shows how fast the machine ran
+    (the same code's CPU per call moves by 10-40% between runs on a shared machine)."""
     names = {
         "server": "srv",
         "crm_server": "crm",
@@ -1142,7 +1144,17 @@ def cpu_text(cpu: dict[str, float]) -> str:
         "fakes": "fake",
         "postgres": "pg",
     }
-    return " ".join(f"{names.get(k, k)} {v:.2f}" for k, v in cpu.items() if v >= 0.05)
+    parts = []
+    for key, cores in cpu.items():
+        if cores < 0.05:
+            continue
+        part = f"{names.get(key, key)} {cores:.2f}"
+        if key in ("server", "crm_server", "echo") and calls_per_second > 0:
+            # Cores over the whole measurement (start-up and warm-up included) per call in
+            # the window: a slight underestimate, comparable between scenarios and runs.
+            part += f" ({cores / calls_per_second * 1e6:.0f} us/call)"
+        parts.append(part)
+    return " ".join(parts)
 
 
 def table(report: Report) -> str:
@@ -1160,7 +1172,7 @@ def table(report: Report) -> str:
         else:
             lines.append(
                 f"| {row.scenario} | {r.calls} | {r.calls_per_second:.1f} | {r.p50_ms:.1f} | "
-                f"{r.p99_ms:.1f} | {ratio} | {cpu_text(row.cpu)} | {row.note} |"
+                f"{r.p99_ms:.1f} | {ratio} | {cpu_text(row.cpu, r.calls_per_second)} | {row.note} |"
             )
     return "\n".join(lines)
 
