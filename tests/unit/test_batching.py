@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from capi_server.services.batching import Batcher
+from capi_server.services.batching import Batcher, wait_all
 
 
 class Recorder:
@@ -199,3 +199,33 @@ async def test_under_concurrent_load_a_batch_lingers_for_more_callers() -> None:
 def test_linger_must_not_be_negative() -> None:
     with pytest.raises(ValueError):
         Batcher(Recorder(), max_batch=1, linger_seconds=-1)
+
+
+async def test_wait_all_returns_once_every_future_is_done() -> None:
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[int] = loop.create_future()
+    second: asyncio.Future[int] = loop.create_future()
+    failed: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.ensure_future(wait_all([first, second, failed]))
+    first.set_result(1)
+    failed.set_exception(ValueError("one failed"))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # the second is still pending
+    second.set_result(2)
+    await asyncio.wait_for(waiting, 1)
+    assert failed.exception() is not None  # an error is left in its future, not raised
+    await wait_all([first, second])  # all done already: returns at once
+    await wait_all([])
+
+
+async def test_a_caller_cancelled_in_wait_all_leaves_the_futures_pending() -> None:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.ensure_future(wait_all([future]))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not future.done()  # still the drainer's to complete
+    future.set_result(1)  # and its callbacks are gone: nothing fires on the dead waiter
+    await asyncio.sleep(0)

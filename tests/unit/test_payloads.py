@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -225,6 +226,20 @@ def test_event_id_for_is_deterministic_and_distinct() -> None:
     assert first not in others
     assert len(others) == 4
     assert "dialog" not in first
+
+
+def test_event_id_for_a_dialog_id_is_the_id_earlier_versions_derived() -> None:
+    # Ids already claimed were derived from this text: a resend after lost state must
+    # derive the same one, so the spelled-out fast path may not change it.
+    for dialog_id in ("1", "42", "9007199254740993"):
+        for level in Level:
+            material = json.dumps([dialog_id, int(level), ""], ensure_ascii=False)
+            digest = hashlib.sha256(material.encode()).hexdigest()[:32]
+            assert event_id_for(dialog_id, level) == f"{level.column}-{digest}"
+    assert (
+        event_id_for("42", Level.SCHEDULED)
+        == "scheduled-" + (hashlib.sha256(b'["42", 3, ""]').hexdigest()[:32])
+    )
 
 
 def test_new_event_id_is_random_hex() -> None:

@@ -210,6 +210,32 @@ async def run_isolating(
     return results
 
 
+async def wait_all(futures: Sequence[asyncio.Future[Any]]) -> None:
+    """Returns when every future is done. Like asyncio.wait(futures), a caller cancelled
+    here leaves the futures alone (no shield needed); unlike it, it does not check each
+    future against the Coroutine ABC (a slow isinstance miss for a future, in every
+    SendConversion call)."""
+    pending = [future for future in futures if not future.done()]
+    if not pending:
+        return
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    remaining = len(pending)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    for future in pending:
+        future.add_done_callback(one_done)
+    try:
+        await waiter
+    finally:
+        for future in pending:
+            future.remove_done_callback(one_done)
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Marks a future's error as seen: its caller may have gone (deadline)."""
     if not future.cancelled():

@@ -60,7 +60,7 @@ from capi_server.domain.payloads import (
     event_id_for,
     is_too_old,
 )
-from capi_server.services.batching import Batcher
+from capi_server.services.batching import Batcher, wait_all
 from capi_server.services.hot_cache import DirectionSnapshot, HotCache, SentLevel
 
 log = logging.getLogger("capi_server.sender")
@@ -618,9 +618,9 @@ class SenderService:
         for p in planned:
             if not isinstance(p, PlannedSend) or not p.deliveries:
                 continue
-            # asyncio.wait, not gather: a caller cancelled here (deadline) leaves the
-            # futures to the drainer, which needs no shield per event.
-            await asyncio.wait(p.deliveries)
+            # wait_all, not gather: a caller cancelled here (deadline) leaves the futures
+            # to the drainer, which needs no shield per event.
+            await wait_all(p.deliveries)
             for event, future in zip(p.claimed, p.deliveries, strict=True):
                 outcome: EventOutcome | BaseException = (
                     future.exception() or future.result()
