@@ -21,6 +21,7 @@ Environment (all optional):
   results in bench/README.md).
 - BENCH_ONLY: comma-separated steps (core, crm, scale, memory, sqlite, profile).
 - BENCH_KEEP_LOGS=1 keeps the server logs.
+- BENCH_EVENT_LOOP: the servers' CAPI_EVENT_LOOP (auto, uvloop, asyncio); default auto.
 - CAPI_TEST_DATABASE_URL (the PostgreSQL admin URL).
 """
 
@@ -286,6 +287,7 @@ class Bench:
                 "OPENAI_BASE_URL": f"{self.fakes.base_url}/v1",
                 "CAPI_RETRY_BASE_SECONDS": "1",
                 "CAPI_RETRY_MAX_SECONDS": "5",
+                "CAPI_EVENT_LOOP": os.environ.get("BENCH_EVENT_LOOP", "auto"),
                 "PYTHONPATH": os.pathsep.join(
                     [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
                 ),
@@ -1006,7 +1008,11 @@ class Bench:
                 "cprofile": ["-m", "cProfile", "-o", str(out), "-m", "capi_server", "serve"],
                 "py-spy": ["-m", "capi_server", "serve"],
             }.get(profiler, ["-m", "bench.sampler", str(out), "serve"])
-            server = self.start_server(f"profile_{name}", self.db_url, args)
+            # The in-process profilers see the server's Python frames; under uvloop the
+            # loop's own work and its idle time have none (its wait is in C), so they
+            # profile the server on asyncio's loop. py-spy samples the default (uvloop).
+            loop = {} if profiler == "py-spy" else {"CAPI_EVENT_LOOP": "asyncio"}
+            server = self.start_server(f"profile_{name}", self.db_url, args, extra_env=loop)
             self.watched["server"] = server.pid
             spy: subprocess.Popen[bytes] | None = None
             raw = self.workdir / f"profile_{name}.py-spy.txt"

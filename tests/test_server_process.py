@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -56,8 +57,11 @@ def wait_serving(target: str, timeout: float = 30.0) -> None:
     raise AssertionError("server did not become SERVING")
 
 
-def test_serves_health_and_reflection_then_stops_on_sigterm(tmp_path: Path) -> None:
-    process, target = start_server(tmp_path)
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+def test_serves_health_and_reflection_then_stops_on_sigterm(
+    tmp_path: Path, event_loop: str
+) -> None:
+    process, target = start_server(tmp_path, CAPI_EVENT_LOOP=event_loop)
     try:
         wait_serving(target)
         with grpc.insecure_channel(target) as channel:
@@ -80,6 +84,9 @@ def test_serves_health_and_reflection_then_stops_on_sigterm(tmp_path: Path) -> N
             process.wait()
     output = process.stdout.read().decode() if process.stdout else ""
     assert "shutting down" in output
+    # auto: uvloop, a dependency of the server (except on Windows)
+    expected = "asyncio" if event_loop == "asyncio" or sys.platform == "win32" else "uvloop"
+    assert f'"event_loop": "{expected}"' in output
 
 
 def test_refuses_to_start_without_keys_unless_insecure_dev(tmp_path: Path) -> None:
@@ -88,3 +95,26 @@ def test_refuses_to_start_without_keys_unless_insecure_dev(tmp_path: Path) -> No
     output = process.stdout.read().decode() if process.stdout else ""
     assert code == 2
     assert "CAPI_ENCRYPTION_KEYS" in output
+
+
+def test_refuses_to_start_on_uvloop_when_it_is_not_installed(tmp_path: Path) -> None:
+    # A directory early on the path whose uvloop cannot be imported, as when it is not
+    # installed.
+    blocker = tmp_path / "no_uvloop"
+    (blocker / "uvloop").mkdir(parents=True)
+    (blocker / "uvloop" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    path = os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])
+    process, _ = start_server(tmp_path, CAPI_EVENT_LOOP="uvloop", PYTHONPATH=path)
+    code = process.wait(timeout=30)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert code == 2
+    assert "uvloop is not installed" in output
+    # auto falls back to asyncio's loop.
+    process, target = start_server(tmp_path, CAPI_EVENT_LOOP="auto", PYTHONPATH=path)
+    try:
+        wait_serving(target)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert '"event_loop": "asyncio"' in output

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     shutdown_grace_seconds: float = 10.0
+    # The event loop: "auto" is uvloop when it is installed (it is with the server extra,
+    # except on Windows), else asyncio's own; "uvloop" refuses to start without it.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     migrate_on_start: bool = False
     # Retry queue: first retry after retry_base_seconds, doubling up to retry_max_seconds,
     # with +-20% jitter; events close as expired this long before Meta's 7-day limit.

@@ -135,7 +135,15 @@ async def start_server(app: App, listen: str | None = None) -> RunningServer:
     app.start_background()
     if not settings.auth_token_map():
         log.warning("authentication is OFF: set CAPI_AUTH_TOKENS=caller:token,... in production")
-    log.info("capi server listening", extra={"address": address, "port": port})
+    log.info(
+        "capi server listening",
+        extra={
+            "address": address,
+            "port": port,
+            # "uvloop" or "asyncio" (CAPI_EVENT_LOOP)
+            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
+        },
+    )
     return running
 
 
