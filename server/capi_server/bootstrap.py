@@ -140,6 +140,7 @@ async def build_app(settings: Settings, *, run_migrations: bool | None = None) -
             expiry_margin_seconds=settings.expiry_margin_seconds,
             retry_batch_size=settings.retry_batch_size,
             batch_linger_seconds=settings.batch_linger_ms / 1000,
+            pacing_seconds=settings.send_pacing_ms / 1000,
             lease_seconds=settings.send_lease_seconds,
         ),
         cache=cache,

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Group commit: under concurrent load a batch of IngestMessage, SendConversion or
     # AnalyzeDialog work waits this long for more calls before it starts (0: never).
     batch_linger_ms: float = Field(default=2.0, ge=0.0, le=100.0)
+    # SendConversion: the next claim batch waits for the previous batch's Graph request
+    # and record to finish, at most this long (0: never waits).
+    send_pacing_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
     # Every this many seconds the memory calls freed is handed back to the OS (glibc
     # malloc_trim), so RSS returns near its base after a burst (0: never).
     memory_trim_seconds: float = Field(default=2.0, ge=0.0)

@@ -527,3 +527,95 @@ async def test_an_unconfirmed_delivery_answers_queued_and_leaves_the_row_pending
             )
         ).all()
     assert [status for (status,) in rows] == ["pending"]
+
+
+@pytest.mark.parametrize(("pacing_ms", "claimed_during_delivery"), [(50, True), (1000, False)])
+async def test_a_claim_batch_waits_for_the_previous_deliveries_at_most_the_pacing(
+    database_url: str, graph: FakeGraph, pacing_ms: int, claimed_during_delivery: bool
+) -> None:
+    s = await start_stubs(
+        make_settings(database_url, meta_graph_url=graph.base_url, send_pacing_ms=pacing_ms)
+    )
+    try:
+        setup = await whatsapp_direction(s)
+
+        def send(n: int) -> Any:
+            return asyncio.ensure_future(
+                s.sender.SendConversion(
+                    pb.SendConversionRequest(
+                        instance_name=setup.instance_name,
+                        contact_phone=phone(n),
+                        level=res.LEVEL_INTEREST,
+                    )
+                )
+            )
+
+        async def claimed() -> int:
+            async with s.app.db.session() as session:
+                rows = await session.execute(
+                    select(CapiEventLogRow.id).where(
+                        CapiEventLogRow.direction_id == int(setup.direction_id)
+                    )
+                )
+                return len(rows.all())
+
+        graph.set_delay(1.0)
+        first = send(1)
+        for _ in range(100):  # the first call's Graph request is in flight
+            if graph.posts():
+                break
+            await asyncio.sleep(0.01)
+        assert graph.posts()
+        second = send(2)
+        await asyncio.sleep(0.4)
+        # A short pacing lets the second call's claim go ahead of the slow delivery; a
+        # long one holds it until the first call's events are delivered and recorded.
+        assert await claimed() == (2 if claimed_during_delivery else 1)
+        answers = await asyncio.gather(first, second)
+        assert [[e.outcome for e in a.events] for a in answers] == [
+            [res.SEND_OUTCOME_SENT],
+            [res.SEND_OUTCOME_SENT],
+        ]
+        assert len(graph.events()) == 2
+    finally:
+        await stop_stubs(s)
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"
+
+
+async def test_a_record_that_loses_a_deadlock_race_is_recorded_again(
+    stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record of a delivery locks its dialogs while another process's claim may hold
+    one (two replicas, make test): the deadlock's loser records again, so the call answers
+    SENT and the row is not left pending for the retry worker to send once more."""
+    setup = await whatsapp_direction(stubs)
+    real_mark_success = events_repo.mark_success
+    lost: list[int] = []
+
+    async def mark_success_losing_once(*args: Any, **kw: Any) -> Any:
+        if not lost:
+            lost.append(1)
+            raise DBAPIError("UPDATE", {}, _Deadlock("deadlock detected"))
+        return await real_mark_success(*args, **kw)
+
+    monkeypatch.setattr(events_repo, "mark_success", mark_success_losing_once)
+    answer = await stubs.sender.SendConversion(
+        pb.SendConversionRequest(
+            instance_name=setup.instance_name, contact_phone=phone(77), level=res.LEVEL_INTEREST
+        )
+    )
+    assert lost == [1]
+    assert [e.outcome for e in answer.events] == [res.SEND_OUTCOME_SENT]
+    assert len(graph.events()) == 1  # delivered once, recorded on the second try
+    async with stubs.app.db.session() as session:
+        statuses = (
+            await session.execute(
+                select(CapiEventLogRow.status).where(
+                    CapiEventLogRow.direction_id == int(setup.direction_id)
+                )
+            )
+        ).all()
+    assert [s for (s,) in statuses] == ["success"]

@@ -229,3 +229,27 @@ async def test_a_caller_cancelled_in_wait_all_leaves_the_futures_pending() -> No
     assert not future.done()  # still the drainer's to complete
     future.set_result(1)  # and its callbacks are gone: nothing fires on the dead waiter
     await asyncio.sleep(0)
+
+
+async def test_pace_runs_after_the_callers_have_results_and_before_the_next_batch() -> None:
+    recorder = Recorder()
+    paced = asyncio.Event()
+    seen: list[list[object]] = []
+
+    async def pace(results: object) -> None:
+        assert isinstance(results, list)
+        seen.append(results)
+        await paced.wait()
+
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=100, pace=pace)
+    first = asyncio.ensure_future(commit.submit(0))
+    await asyncio.sleep(0.01)
+    # The first batch is done and being paced: its caller has its answer already.
+    assert first.done() and first.result() == 0
+    assert seen == [[0]]
+    later = [asyncio.ensure_future(commit.submit(i)) for i in (2, 4)]
+    await asyncio.sleep(0.01)
+    assert recorder.batches == [[0]]  # the next batch waits for the pace
+    paced.set()
+    assert await asyncio.gather(*later) == [20, 40]
+    assert recorder.batches == [[0], [2, 4]]  # and then carries everything that queued

@@ -32,6 +32,8 @@ BUSY_WINDOW_LINGERS = 4
 
 # What a batch function returns per item: its result, or the error for that item alone.
 BatchRunner = Callable[[list[ItemT]], Awaitable[Sequence[ResultT | Exception]]]
+# Awaited after a batch's callers have their results, before the next batch forms.
+BatchPacer = Callable[[Sequence[ResultT | Exception]], Awaitable[None]]
 
 
 class Batcher(Generic[ItemT, ResultT]):
@@ -43,7 +45,9 @@ class Batcher(Generic[ItemT, ResultT]):
     `retry_alone(error)` says that isolates the cause (an item the database rejects), so
     that only that item's caller gets the error; otherwise every item gets it. The batch
     runs in a task of its own: a caller that gives up (deadline) does not cancel the work
-    of the others in its batch.
+    of the others in its batch. `pace(results)`, when given, is awaited once a batch's
+    callers have their results and before the next batch forms: work the batch started
+    (a delivery) can finish first, while the calls arriving meanwhile queue for the next.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class Batcher(Generic[ItemT, ResultT]):
         retry_alone: Callable[[Exception], bool] = lambda error: False,
         run_again: Callable[[Exception], bool] = lambda error: False,
         linger_seconds: float = 0.0,
+        pace: BatchPacer[ResultT] | None = None,
         name: str = "",
     ) -> None:
         if max_batch < 1:
@@ -64,6 +69,7 @@ class Batcher(Generic[ItemT, ResultT]):
         self._max_batch = max_batch
         self._retry_alone = retry_alone
         self._run_again = run_again
+        self._pace = pace
         # Names the batch in logs and in the capi_batch_items metric.
         self._name = name or getattr(run_batch, "__name__", "batch").lstrip("_")
         # (item, its caller's future, which submit_many call queued it)
@@ -119,6 +125,8 @@ class Batcher(Generic[ItemT, ResultT]):
                             future.set_exception(result)
                         else:
                             future.set_result(result)
+                    if self._pace is not None:
+                        await self._pace(results)
                 except Exception as exc:
                     # Also a result list of the wrong length: nobody is left waiting.
                     for _, future, _ in batch:
