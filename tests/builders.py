@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import text, update
+from sqlalchemy.exc import DBAPIError
 
 from capi.v1 import resources_pb2 as res
 from capi.v1 import settings_service_pb2 as pb
@@ -127,3 +129,25 @@ async def set_ctwa_clid(stubs: Stubs, dialog_id: str, clid: str) -> None:
             {"clid": clid, "d": int(dialog_id)},
         )
         await session.commit()
+
+
+class _Deadlock(Exception):
+    """A driver error in PostgreSQL's deadlock_detected state."""
+
+    sqlstate = "40P01"
+
+
+def losing_one_deadlock(
+    real: Callable[..., Awaitable[Any]], statement: str
+) -> tuple[Callable[..., Awaitable[Any]], list[int]]:
+    """`real`, except that its first call fails as the loser of a deadlock (as SQLAlchemy
+    raises it); the list gets an entry for the loss."""
+    lost: list[int] = []
+
+    async def losing_once(*args: Any, **kw: Any) -> Any:
+        if not lost:
+            lost.append(1)
+            raise DBAPIError(statement, {}, _Deadlock("deadlock detected"))
+        return await real(*args, **kw)
+
+    return losing_once, lost

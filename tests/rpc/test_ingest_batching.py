@@ -10,13 +10,13 @@ from typing import Any
 import grpc
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from capi.v1 import qualification_service_pb2 as pb
 from capi_server.adapters.db import dialogs_repo
 from capi_server.adapters.db.orm import DialogAnalysisRow, DialogMessageRow, LeadRow
 from capi_server.services.whatsapp import IncomingMessage
-from tests.builders import whatsapp_direction
+from tests.builders import losing_one_deadlock, whatsapp_direction
 from tests.conftest import Stubs
 
 
@@ -273,10 +273,6 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> lis
     return calls
 
 
-class _Deadlock(Exception):
-    sqlstate = "40P01"
-
-
 @pytest.mark.parametrize("deadlock_once", [False, True])
 async def test_a_lead_without_a_dialog_gets_one_with_its_message(
     stubs: Stubs, monkeypatch: pytest.MonkeyPatch, deadlock_once: bool
@@ -300,16 +296,9 @@ async def test_a_lead_without_a_dialog_gets_one_with_its_message(
             )
         )
         await session.commit()
+    lost: list[int] = []
     if deadlock_once:
-        real_ensure = dialogs_repo.ensure_dialogs
-        lost: list[int] = []
-
-        async def ensure_losing_once(*args: Any, **kw: Any) -> Any:
-            if not lost:
-                lost.append(1)
-                raise DBAPIError("INSERT", {}, _Deadlock("deadlock detected"))
-            return await real_ensure(*args, **kw)
-
+        ensure_losing_once, lost = losing_one_deadlock(dialogs_repo.ensure_dialogs, "INSERT")
         monkeypatch.setattr(dialogs_repo, "ensure_dialogs", ensure_losing_once)
     service = stubs.app.whatsapp
     before = service._ingest.batches
@@ -318,6 +307,7 @@ async def test_a_lead_without_a_dialog_gets_one_with_its_message(
         service.ingest(_message(direction_id, 8, "other-1")),
     )
     assert service._ingest.batches - before == 1
+    assert lost == ([1] if deadlock_once else [])
     assert all(r.stored and r.dialog_id for r in results)
     counts = await _dialog_counts(stubs, direction_id)
     assert {k: (n, stored) for k, (n, _, stored) in counts.items()} == {

@@ -20,7 +20,7 @@ from capi.v1 import resources_pb2 as res
 from capi_server.adapters.db import dialogs_repo, events_repo
 from capi_server.adapters.db.orm import CapiEventLogRow, LeadRow, utcnow
 from capi_server.domain.levels import Level
-from tests.builders import whatsapp_direction
+from tests.builders import losing_one_deadlock, whatsapp_direction
 from tests.conftest import Stubs, make_settings, start_stubs, stop_stubs
 from tests.fakes.graph import FakeGraph
 
@@ -581,10 +581,6 @@ async def test_a_claim_batch_waits_for_the_previous_deliveries_at_most_the_pacin
         await stop_stubs(s)
 
 
-class _Deadlock(Exception):
-    sqlstate = "40P01"
-
-
 async def test_a_record_that_loses_a_deadlock_race_is_recorded_again(
     stubs: Stubs, graph: FakeGraph, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -592,15 +588,7 @@ async def test_a_record_that_loses_a_deadlock_race_is_recorded_again(
     one (two replicas, make test): the deadlock's loser records again, so the call answers
     SENT and the row is not left pending for the retry worker to send once more."""
     setup = await whatsapp_direction(stubs)
-    real_mark_success = events_repo.mark_success
-    lost: list[int] = []
-
-    async def mark_success_losing_once(*args: Any, **kw: Any) -> Any:
-        if not lost:
-            lost.append(1)
-            raise DBAPIError("UPDATE", {}, _Deadlock("deadlock detected"))
-        return await real_mark_success(*args, **kw)
-
+    mark_success_losing_once, lost = losing_one_deadlock(events_repo.mark_success, "UPDATE")
     monkeypatch.setattr(events_repo, "mark_success", mark_success_losing_once)
     answer = await stubs.sender.SendConversion(
         pb.SendConversionRequest(
