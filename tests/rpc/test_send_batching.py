@@ -607,3 +607,40 @@ async def test_a_record_that_loses_a_deadlock_race_is_recorded_again(
             )
         ).all()
     assert [s for (s,) in statuses] == ["success"]
+
+
+async def test_a_cancelled_delivery_leaves_no_caller_waiting(
+    stubs: Stubs, graph: FakeGraph
+) -> None:
+    """A drainer cancelled mid-request (the loop shutting down) ends its callers' waits
+    with CancelledError instead of leaving them waiting for ever; the row stays pending
+    for the retry worker."""
+    from capi_server.services.sender import DialogRef, SendOptions
+
+    setup = await whatsapp_direction(stubs)
+    graph.set_delay(1.0)
+    service = stubs.app.sender
+    caller = asyncio.ensure_future(
+        service.send(
+            DialogRef(instance_name=setup.instance_name, contact_phone=phone(88)),
+            Level.INTEREST,
+            SendOptions(),
+        )
+    )
+    for _ in range(100):  # its Graph request is in flight
+        if graph.posts():
+            break
+        await asyncio.sleep(0.01)
+    (drainer,) = service._drainers.values()
+    drainer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, 3)
+    async with stubs.app.db.session() as session:
+        statuses = (
+            await session.execute(
+                select(CapiEventLogRow.status).where(
+                    CapiEventLogRow.direction_id == int(setup.direction_id)
+                )
+            )
+        ).all()
+    assert [s for (s,) in statuses] == ["pending"]

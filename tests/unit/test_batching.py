@@ -253,3 +253,18 @@ async def test_pace_runs_after_the_callers_have_results_and_before_the_next_batc
     paced.set()
     assert await asyncio.gather(*later) == [20, 40]
     assert recorder.batches == [[0], [2, 4]]  # and then carries everything that queued
+
+
+async def test_a_pace_that_fails_is_logged_and_the_next_batch_still_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = Recorder()
+
+    async def failing_pace(results: object) -> None:
+        raise RuntimeError("pace failed")
+
+    commit: Batcher[int, int] = Batcher(recorder, max_batch=100, pace=failing_pace)
+    assert await commit.submit(0) == 0
+    assert await commit.submit(2) == 20
+    assert recorder.batches == [[0], [2]]
+    assert "pacing a batch failed" in caplog.text

@@ -126,7 +126,11 @@ class Batcher(Generic[ItemT, ResultT]):
                         else:
                             future.set_result(result)
                     if self._pace is not None:
-                        await self._pace(results)
+                        try:
+                            await self._pace(results)
+                        except Exception:
+                            # Every caller has its answer: the error is only logged.
+                            log.exception("pacing a batch failed", extra={"batch": self._name})
                 except Exception as exc:
                     # Also a result list of the wrong length: nobody is left waiting.
                     for _, future, _ in batch:

@@ -710,6 +710,13 @@ class SenderService:
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
+                except BaseException:
+                    # Cancelled (the loop shutting down): the callers must not wait forever;
+                    # the rows stay pending under their lease, as above.
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(asyncio.CancelledError())
+                    raise
         finally:
             # No await between the empty check and here: nothing can be queued unseen.
             self._outbox.pop(key, None)
