@@ -29,6 +29,17 @@ def phone(n: int) -> str:
     return f"+7701777{n:04d}"
 
 
+async def log_statuses(stubs: Stubs, direction_id: str) -> list[str]:
+    """The statuses of a direction's capi_events_log rows, oldest first."""
+    async with stubs.app.db.session() as session:
+        rows = await session.execute(
+            select(CapiEventLogRow.status)
+            .where(CapiEventLogRow.direction_id == int(direction_id))
+            .order_by(CapiEventLogRow.id)
+        )
+        return [status for (status,) in rows.all()]
+
+
 @pytest.fixture
 def graph() -> Iterator[FakeGraph]:
     with FakeGraph() as fake:
@@ -550,15 +561,6 @@ async def test_a_claim_batch_waits_for_the_previous_deliveries_at_most_the_pacin
                 )
             )
 
-        async def claimed() -> int:
-            async with s.app.db.session() as session:
-                rows = await session.execute(
-                    select(CapiEventLogRow.id).where(
-                        CapiEventLogRow.direction_id == int(setup.direction_id)
-                    )
-                )
-                return len(rows.all())
-
         graph.set_delay(1.0)
         first = send(1)
         for _ in range(100):  # the first call's Graph request is in flight
@@ -570,7 +572,8 @@ async def test_a_claim_batch_waits_for_the_previous_deliveries_at_most_the_pacin
         await asyncio.sleep(0.4)
         # A short pacing lets the second call's claim go ahead of the slow delivery; a
         # long one holds it until the first call's events are delivered and recorded.
-        assert await claimed() == (2 if claimed_during_delivery else 1)
+        claimed = await log_statuses(s, setup.direction_id)
+        assert len(claimed) == (2 if claimed_during_delivery else 1)
         answers = await asyncio.gather(first, second)
         assert [[e.outcome for e in a.events] for a in answers] == [
             [res.SEND_OUTCOME_SENT],
@@ -598,15 +601,7 @@ async def test_a_record_that_loses_a_deadlock_race_is_recorded_again(
     assert lost == [1]
     assert [e.outcome for e in answer.events] == [res.SEND_OUTCOME_SENT]
     assert len(graph.events()) == 1  # delivered once, recorded on the second try
-    async with stubs.app.db.session() as session:
-        statuses = (
-            await session.execute(
-                select(CapiEventLogRow.status).where(
-                    CapiEventLogRow.direction_id == int(setup.direction_id)
-                )
-            )
-        ).all()
-    assert [s for (s,) in statuses] == ["success"]
+    assert await log_statuses(stubs, setup.direction_id) == ["success"]
 
 
 async def test_a_cancelled_delivery_leaves_no_caller_waiting(
@@ -635,12 +630,4 @@ async def test_a_cancelled_delivery_leaves_no_caller_waiting(
     drainer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(caller, 3)
-    async with stubs.app.db.session() as session:
-        statuses = (
-            await session.execute(
-                select(CapiEventLogRow.status).where(
-                    CapiEventLogRow.direction_id == int(setup.direction_id)
-                )
-            )
-        ).all()
-    assert [s for (s,) in statuses] == ["pending"]
+    assert await log_statuses(stubs, setup.direction_id) == ["pending"]
