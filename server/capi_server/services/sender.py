@@ -620,7 +620,7 @@ class SenderService:
 
         Calls that arrive meanwhile then share one claim transaction, one Graph request
         and one record, instead of a claim batch each racing the delivery in progress for
-        the process's one core (make bench: batches of ~14 calls instead of ~9, ~15% less
+        the process's one core (make bench: batches of ~16 calls instead of ~9, 14-18% less
         CPU per SendConversion). The bound keeps a slow Graph request (another pixel's)
         from holding the claims back longer; the events of a pixel whose request is slow
         wait for that pixel's drainer anyway.
@@ -1071,7 +1071,8 @@ class SenderService:
         transaction of another process may hold one of them already, locked out of that
         order by its find-or-create of a contact created at the same moment.)
         """
-        for attempt in range(1, RECORD_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 return await self._record_once(results)
             except Exception as exc:
@@ -1081,7 +1082,7 @@ class SenderService:
                     "recording a delivery lost a lock race; recording it again",
                     extra={"events": len(results), "attempt": attempt},
                 )
-        raise AssertionError("unreachable")
+                attempt += 1
 
     async def _record_once(
         self, results: Sequence[tuple[ClaimedEvent, GraphSuccess | MetaGraphError]]
